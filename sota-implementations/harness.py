@@ -1,0 +1,389 @@
+"""Shared training harness for s2ac.py, sac.py (and sql.py): envs, collector,
+replay buffer, logger, evaluation, checkpoint/resume and the training loop.
+
+A script supplies one function, ``make_agent(cfg, train_env) -> Agent``; the
+loop below is the same for every algorithm, so that runs differ only in the
+loss and the actor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tqdm
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModuleBase
+from torchrl._utils import timeit
+from torchrl.collectors import Collector
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.envs import (
+    Compose,
+    DoubleToFloat,
+    EnvBase,
+    EnvCreator,
+    InitTracker,
+    ParallelEnv,
+    RewardSum,
+    SerialEnv,
+    StepCounter,
+    TransformedEnv,
+)
+from torchrl.envs.libs.gym import GymEnv, set_gym_backend
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.objectives import LossModule, SoftUpdate, group_optimizers
+from torchrl.record import VideoRecorder
+from torchrl.record.loggers import generate_exp_name, get_logger
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any work starts."""
+
+
+@dataclasses.dataclass
+class Agent:
+    """What an algorithm script hands to the harness."""
+
+    loss: LossModule
+    policy: TensorDictModuleBase  # acts in the collector (exploration) and in evaluation (deterministic)
+    optimizers: list[torch.optim.Optimizer]
+    loss_keys: tuple[str, ...] = ("loss_actor", "loss_qvalue", "loss_alpha")
+    metric_keys: tuple[str, ...] = ("alpha", "entropy")
+
+
+# ---------------------------------------------------------------------------
+# Configuration checks
+# ---------------------------------------------------------------------------
+
+
+def validate_common(cfg: DictConfig) -> None:
+    """Check the settings shared by every script; raise :class:`ConfigError` naming the bad value."""
+    c, rb, optim, env = cfg.collector, cfg.replay_buffer, cfg.optim, cfg.env
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    if env.library == "gymnasium":
+        need(env.name in gym.registry, f"env.name={env.name!r} is not a registered gymnasium environment.")
+    elif env.library != "multigoal":
+        raise ConfigError(f"env.library={env.library!r} must be 'gymnasium' or 'multigoal'.")
+    need(env.num_envs >= 1, f"env.num_envs={env.num_envs} must be >= 1.")
+    need(env.max_episode_steps >= 1, f"env.max_episode_steps={env.max_episode_steps} must be >= 1.")
+    need(c.frames_per_batch > 0, f"collector.frames_per_batch={c.frames_per_batch} must be > 0.")
+    need(
+        c.frames_per_batch % env.num_envs == 0,
+        f"collector.frames_per_batch={c.frames_per_batch} must be a multiple of env.num_envs={env.num_envs}.",
+    )
+    need(c.total_frames >= c.frames_per_batch, f"collector.total_frames={c.total_frames} must be >= frames_per_batch.")
+    need(c.init_random_frames >= 0, f"collector.init_random_frames={c.init_random_frames} must be >= 0.")
+    need(c.learning_starts >= 0, f"collector.learning_starts={c.learning_starts} must be >= 0.")
+    need(c.backend in ("direct", "process", "ray"), f"collector.backend={c.backend!r} must be direct, process or ray.")
+    need(c.num_workers >= 1, f"collector.num_workers={c.num_workers} must be >= 1.")
+    need(
+        optim.batch_size <= max(c.learning_starts, c.frames_per_batch),
+        f"optim.batch_size={optim.batch_size} is larger than the data available when updates start "
+        f"(collector.learning_starts={c.learning_starts}).",
+    )
+    need(optim.batch_size >= 1, f"optim.batch_size={optim.batch_size} must be >= 1.")
+    need(optim.utd_ratio > 0, f"optim.utd_ratio={optim.utd_ratio} must be > 0.")
+    need(0 < optim.gamma <= 1, f"optim.gamma={optim.gamma} must be in (0, 1].")
+    need(0 <= optim.target_update_polyak < 1, f"optim.target_update_polyak={optim.target_update_polyak} must be in [0, 1).")
+    for name in ("lr_actor", "lr_critic", "lr_alpha"):
+        need(optim[name] > 0, f"optim.{name}={optim[name]} must be > 0.")
+    need(rb.size >= optim.batch_size, f"replay_buffer.size={rb.size} must be >= optim.batch_size.")
+    need(rb.storage in ("tensor", "memmap"), f"replay_buffer.storage={rb.storage!r} must be 'tensor' or 'memmap'.")
+    need(cfg.logger.backend in ("wandb", "csv", "tensorboard", None, ""), f"logger.backend={cfg.logger.backend!r} is unknown.")
+    need(cfg.logger.eval_episodes >= 1, f"logger.eval_episodes={cfg.logger.eval_episodes} must be >= 1.")
+    if cfg.resume:
+        need(Path(to_absolute_path(cfg.resume)).is_file(), f"resume={cfg.resume!r}: no such checkpoint file.")
+
+
+# ---------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------
+
+
+def _base_env(cfg: DictConfig, from_pixels: bool = False) -> EnvBase:
+    if cfg.env.library == "multigoal":
+        from torchrl_s2ac.envs import MultiGoalEnv
+
+        return MultiGoalEnv(layout=cfg.env.layout, obstacle=cfg.env.obstacle)
+    with set_gym_backend("gymnasium"):
+        return GymEnv(cfg.env.name, from_pixels=from_pixels, pixels_only=False)
+
+
+def make_env(cfg: DictConfig, num_envs: int, from_pixels: bool = False) -> TransformedEnv:
+    """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms."""
+    creator = EnvCreator(functools.partial(_base_env, cfg, from_pixels))
+    if cfg.env.parallel:
+        batched = ParallelEnv(num_envs, creator, serial_for_single=True)
+    else:
+        batched = SerialEnv(num_envs, creator)
+    return TransformedEnv(
+        batched,
+        Compose(InitTracker(), StepCounter(cfg.env.max_episode_steps), DoubleToFloat(), RewardSum()),
+    )
+
+
+def env_specs(cfg: DictConfig) -> EnvBase:
+    """A single, unbatched environment for reading specs."""
+    return TransformedEnv(_base_env(cfg), Compose(DoubleToFloat()))
+
+
+# ---------------------------------------------------------------------------
+# Collector, replay buffer, logger
+# ---------------------------------------------------------------------------
+
+
+def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int):
+    c = cfg.collector
+    env_fn = functools.partial(make_env, cfg, cfg.env.num_envs)
+    kwargs = dict(
+        frames_per_batch=c.frames_per_batch,
+        total_frames=total_frames,
+        init_random_frames=init_random_frames,
+        device=c.device,
+        exploration_type=ExplorationType.RANDOM,
+    )
+    if c.backend == "direct":
+        collector = Collector(env_fn(), policy, **kwargs)
+    else:
+        collector = Collector(
+            [env_fn] * c.num_workers, policy, backend=c.backend, num_collectors=c.num_workers, sync=True, **kwargs
+        )
+    collector.set_seed(cfg.env.seed)
+    return collector
+
+
+def make_replay_buffer(cfg: DictConfig) -> TensorDictReplayBuffer:
+    rb = cfg.replay_buffer
+    if rb.storage == "memmap":
+        storage = LazyMemmapStorage(rb.size, scratch_dir=rb.scratch_dir)
+    else:
+        storage = LazyTensorStorage(rb.size)
+    return TensorDictReplayBuffer(storage=storage, batch_size=cfg.optim.batch_size)
+
+
+def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
+    if not cfg.logger.backend:
+        return None
+    name = run_id or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
+    wandb_kwargs = {
+        "mode": cfg.logger.mode,
+        "project": cfg.logger.project_name,
+        "group": cfg.logger.group_name,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "id": name,
+        "resume": "allow",
+        "dir": os.getcwd(),
+    }
+    return get_logger(
+        cfg.logger.backend, logger_name=os.getcwd(), experiment_name=name, wandb_kwargs=wandb_kwargs
+    )
+
+
+def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optimizer]:
+    """Adam on the actor, the critic and (when learned) the temperature."""
+    optim = cfg.optim
+    optimizers = [
+        torch.optim.Adam(list(loss.actor_network_params.values(True, True)), lr=optim.lr_actor),
+        torch.optim.Adam(list(loss.qvalue_network_params.values(True, True)), lr=optim.lr_critic),
+    ]
+    if isinstance(loss.log_alpha, torch.nn.Parameter):
+        optimizers.append(torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha))
+    return optimizers
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
+    """Mean return over ``logger.eval_episodes`` episodes, deterministic action selection."""
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        rollout = eval_env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+    reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
+    done = rollout.get(("next", "done")).squeeze(-1)
+    before_first_done = (done.int().cumsum(-1) - done.int()) == 0
+    returns = (reward * before_first_done).sum(-1)
+    metrics = {"eval/return": returns.mean().item(), "eval/return_std": returns.std().item() if returns.numel() > 1 else 0.0}
+    if cfg.logger.video:
+        eval_env.transform.dump()
+    return metrics
+
+
+def make_eval_env(cfg: DictConfig, logger) -> EnvBase:
+    env = make_env(cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video))
+    if cfg.logger.video:
+        env.append_transform(VideoRecorder(logger, tag="eval/video", in_keys=["pixels"]))
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, agent: Agent, replay_buffer, state: dict) -> None:
+    """Everything a resumed run needs: modules + targets (the loss), optimisers, buffer, counters, RNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer_dir = path.with_suffix(".buffer")
+    replay_buffer.dumps(buffer_dir)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "loss": agent.loss.state_dict(),
+            "optimizers": [opt.state_dict() for opt in agent.optimizers],
+            "state": state,
+            "buffer_dir": str(buffer_dir),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, agent: Agent, replay_buffer) -> dict:
+    checkpoint = torch.load(path, weights_only=False)
+    agent.loss.load_state_dict(checkpoint["loss"])
+    for opt, opt_state in zip(agent.optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(opt_state)
+    replay_buffer.loads(checkpoint["buffer_dir"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    np.random.set_state(checkpoint["rng"]["numpy"])
+    random.setstate(checkpoint["rng"]["python"])
+    return checkpoint["state"]
+
+
+# ---------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, EnvBase], Agent]) -> dict:
+    """Collect, store, update, evaluate, log and checkpoint until ``collector.total_frames``."""
+    torch.manual_seed(cfg.env.seed)
+    np.random.seed(cfg.env.seed)
+    random.seed(cfg.env.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+
+    agent = make_agent(cfg, env_specs(cfg))
+    replay_buffer = make_replay_buffer(cfg)
+    state = {"frames": 0, "updates": 0, "run_id": None, "next_eval": 0, "next_checkpoint": cfg.checkpoint.every_frames}
+    if cfg.resume:
+        state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
+    logger = make_logger(cfg, algorithm, state["run_id"])
+    state["run_id"] = getattr(getattr(logger, "experiment", None), "id", None) or state["run_id"]
+    target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
+    optimizer = group_optimizers(*agent.optimizers)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def update(batch: TensorDict) -> TensorDict:
+        loss_td = agent.loss(batch)
+        sum(loss_td[key] for key in agent.loss_keys).backward()
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        target_updater.step()
+        return loss_td.detach()
+
+    remaining = cfg.collector.total_frames - state["frames"]
+    collector = make_collector(
+        cfg, agent.policy, remaining, max(0, cfg.collector.init_random_frames - state["frames"])
+    ) if remaining > 0 else []
+    eval_env = make_eval_env(cfg, logger)
+    checkpoint_path = Path(cfg.checkpoint.dir).absolute() / "last.pt"
+    progress = tqdm.tqdm(total=cfg.collector.total_frames, initial=state["frames"], desc=algorithm, dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    last_log, start = state["frames"], time.perf_counter()
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_path, agent, replay_buffer, state)
+
+    try:
+        for data in collector:
+            with timeit("rb_extend"):
+                replay_buffer.extend(data.reshape(-1))
+            state["frames"] += data.numel()
+            progress.update(data.numel())
+            done = data.get(("next", "done"))
+            if done.any():
+                window.setdefault("train/episode_return", []).extend(
+                    data.get(("next", "episode_reward"))[done].tolist()
+                )
+            if state["frames"] >= cfg.collector.learning_starts:
+                num_updates = max(1, round(data.numel() * cfg.optim.utd_ratio))
+                with timeit("update"):
+                    for _ in range(num_updates):
+                        loss_td = update(replay_buffer.sample())
+                        state["updates"] += 1
+                for key in (*agent.loss_keys, *agent.metric_keys, "svgd_step_ratio"):
+                    if key in loss_td.keys():
+                        window.setdefault(f"train/{key}", []).append(loss_td[key].item())
+            metrics = {}
+            if state["frames"] >= state["next_eval"]:
+                with timeit("eval"):
+                    metrics.update(evaluate(cfg, eval_env, agent.policy))
+                state["next_eval"] += cfg.logger.eval_every_frames
+                progress.set_postfix(eval_return=f"{metrics['eval/return']:.1f}")
+            if metrics or state["frames"] - last_log >= cfg.logger.log_every_frames:
+                elapsed = time.perf_counter() - start
+                metrics.update({key: float(np.mean(values)) for key, values in window.items() if values})
+                metrics["time/fps"] = (state["frames"] - last_log) / max(elapsed, 1e-9)
+                metrics["train/updates"] = state["updates"]
+                metrics.update({f"time/{k}": v for k, v in timeit.todict(percall=True).items()})
+                if logger is not None:
+                    logger.log_metrics(metrics, step=state["frames"])
+                window, last_log, start = {}, state["frames"], time.perf_counter()
+                timeit.erase()
+            if state["frames"] >= state["next_checkpoint"]:
+                checkpoint()
+                state["next_checkpoint"] += cfg.checkpoint.every_frames
+    except KeyboardInterrupt:
+        progress.write(f"Interrupted at {state['frames']} frames; checkpoint written to {checkpoint_path}.")
+        checkpoint()
+        raise
+    finally:
+        progress.close()
+        if collector:
+            collector.shutdown()
+    final = evaluate(cfg, eval_env, agent.policy)
+    if logger is not None:
+        logger.log_metrics(final, step=state["frames"])
+    checkpoint()
+    eval_env.close()
+    if logger is not None and cfg.logger.backend == "wandb":
+        import wandb
+
+        wandb.finish()
+    return {"frames": state["frames"], "updates": state["updates"], **final, "checkpoint": str(checkpoint_path)}
+
+
+ACTIVATIONS = {"elu": torch.nn.ELU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}
+
+
+def activation(cfg: DictConfig) -> type[torch.nn.Module]:
+    if cfg.network.activation not in ACTIVATIONS:
+        raise ConfigError(f"network.activation={cfg.network.activation!r} must be one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[cfg.network.activation]

@@ -1,0 +1,33 @@
+"""S2AC (Stein Soft Actor-Critic) as TorchRL components."""
+from torchrl_s2ac.kernels import KernelMatrix, RBFKernel
+from torchrl_s2ac.stein import (
+    SteinEntropy,
+    SteinOutput,
+    SVGDNumericalError,
+    exact_log_det,
+    stein_trace,
+    svgd_direction,
+)
+from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
+from torchrl_s2ac.modules import ParticleSample, SoftQCritic, SVGDActor, SVGDPolicy
+from torchrl_s2ac.objectives import S2ACLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelMatrix",
+    "RBFKernel",
+    "SteinEntropy",
+    "SteinOutput",
+    "SVGDNumericalError",
+    "exact_log_det",
+    "stein_trace",
+    "svgd_direction",
+    "TanhSquash",
+    "sample_truncated_normal",
+    "ParticleSample",
+    "SoftQCritic",
+    "SVGDActor",
+    "SVGDPolicy",
+    "S2ACLoss",
+]

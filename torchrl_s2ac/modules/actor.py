@@ -1,0 +1,245 @@
+r"""The S2AC policy: :math:`\pi(a|s) \propto \exp(Q(s, a)/\alpha)` sampled by SVGD from a learned :math:`q^0`."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.data import TensorSpec
+from torchrl.envs.utils import ExplorationType, exploration_type
+from torchrl.modules import MLP
+
+from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
+from torchrl_s2ac.kernels import RBFKernel
+from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.stein import SteinEntropy
+
+__all__ = ["ParticleSample", "SVGDActor", "SVGDPolicy"]
+
+SELECTIONS = ("random", "max", "softmax")
+
+
+class ParticleSample(NamedTuple):
+    """All ``m`` SVGD particles of each state.
+
+    Attributes:
+        action: squashed particles :math:`a_i`, ``[*batch, m, d]``.
+        log_prob: closed-form :math:`\\log\\pi(a_i|s)`, ``[*batch, m]``.
+        step_ratio: invertibility diagnostic per SVGD step, ``[L]``
+            (see :class:`~torchrl_s2ac.SteinOutput`).
+        init_scale: the :math:`q^0` standard deviation :math:`\\sigma_\\theta(s)`, ``[*batch, d]``.
+    """
+
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    step_ratio: torch.Tensor
+    init_scale: torch.Tensor
+
+
+class SVGDActor(TensorDictModuleBase):
+    r"""Energy-based actor of S2AC.
+
+    Per state :math:`s`: draw :math:`u_i^0 \sim q^0 = \mathcal N(\mu_\theta(s), \mathrm{diag}\,\sigma_\theta(s)^2)`
+    truncated to :math:`\mu \pm 3\sigma`; run :math:`L` SVGD steps toward
+    :math:`\exp(\min_k Q_k(s, \mathrm{squash}(u))/\alpha)`; return
+    :math:`a_i = \mathrm{squash}(u_i^L)` and
+    :math:`\log\pi(a_i|s) = \log q^L(u_i^L) - \log|\det \partial a / \partial u|`.
+
+    The critic is held by reference, not registered as a submodule: the actor's
+    parameters are those of :math:`q^0` only, and SVGD always uses whatever
+    parameters the critic module currently holds (a loss may swap in detached or
+    target parameters with :meth:`tensordict.TensorDictBase.to_module`).
+
+    Args:
+        action_spec (TensorSpec): a bounded action spec; the squash maps onto its box.
+        critic (SoftQCritic): the energy :math:`Q(s, a)`.
+
+    Keyword Args:
+        num_particles (int): :math:`m \geq 2`. Defaults to ``10``.
+        num_steps (int): :math:`L`. Defaults to ``3``.
+        step_size (float): :math:`\epsilon`. Defaults to ``0.1``.
+        kernel (RBFKernel): defaults to ``RBFKernel(rule="median")``.
+        alpha (float): temperature :math:`\alpha > 0` of the energy. Defaults to ``0.2``.
+            :class:`~torchrl_s2ac.S2ACLoss` keeps it equal to the loss's alpha.
+        init_network (nn.Module, optional): maps observations ``[*batch, obs]`` to
+            ``[*batch, 2 d]`` (mean and log-std of :math:`q^0`). Defaults to an
+            MLP with ``num_cells`` and ``activation_class``.
+        num_cells (sequence of int): hidden widths of the default :math:`q^0`
+            network. Defaults to ``(256, 256, 256)``.
+        activation_class (type): defaults to :class:`torch.nn.ELU`.
+        fixed_init_std (float, optional): use the fixed :math:`q^0 = \mathcal N(0, \text{std}^2 I)`
+            instead of a network (the release's multi-goal variant).
+        log_std_bounds (tuple): clamp on the network's log-std. Defaults to ``(-20, 2)``.
+        std_bounds (tuple): clamp on :math:`\sigma`. Defaults to ``(0.1, 1.0)``.
+        max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
+        train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
+            ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q) or
+            ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`).
+            Defaults to ``"random"``.
+        eval_selection (str): particle chosen under any other exploration type.
+            Defaults to ``"max"``.
+        default_exploration (ExplorationType): the exploration type assumed when
+            none is set (TorchRL's :class:`~torchrl.modules.ProbabilisticActor`
+            assumes deterministic). Defaults to ``ExplorationType.DETERMINISTIC``.
+        in_keys: defaults to ``["observation"]``.
+        out_keys: action and its log-probability. Defaults to ``["action", "action_log_prob"]``.
+        particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
+            their log-probabilities ``[*batch, m]`` are written there too.
+    """
+
+    def __init__(
+        self,
+        action_spec: TensorSpec,
+        critic: SoftQCritic,
+        *,
+        num_particles: int = 10,
+        num_steps: int = 3,
+        step_size: float = 0.1,
+        kernel: RBFKernel | None = None,
+        alpha: float = 0.2,
+        init_network: nn.Module | None = None,
+        num_cells: Sequence[int] = (256, 256, 256),
+        activation_class: type[nn.Module] = nn.ELU,
+        fixed_init_std: float | None = None,
+        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+        std_bounds: tuple[float, float] = (0.1, 1.0),
+        max_step_ratio: float | None = None,
+        train_selection: str = "random",
+        eval_selection: str = "max",
+        default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
+        in_keys: Sequence[NestedKey] = ("observation",),
+        out_keys: Sequence[NestedKey] = ("action", "action_log_prob"),
+        particle_keys: Sequence[NestedKey] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(critic, SoftQCritic):
+            raise TypeError(f"SVGDActor: critic must be a SoftQCritic, got {type(critic).__name__}.")
+        if not (isinstance(num_particles, int) and num_particles >= 2):
+            raise ValueError(f"SVGDActor: num_particles must be an int >= 2, got {num_particles!r}.")
+        if not alpha > 0:
+            raise ValueError(f"SVGDActor: alpha must be > 0, got {alpha!r}.")
+        for name, value in (("train_selection", train_selection), ("eval_selection", eval_selection)):
+            if value not in SELECTIONS:
+                raise ValueError(f"SVGDActor: {name} must be one of {SELECTIONS}, got {value!r}.")
+        space = getattr(action_spec, "space", None)
+        if space is None or not hasattr(space, "low"):
+            raise ValueError(f"SVGDActor needs a bounded action spec (with low/high), got {type(action_spec).__name__}.")
+        if critic.action_dim != action_spec.shape[-1]:
+            raise ValueError(
+                f"SVGDActor: critic.action_dim={critic.action_dim} does not match the action spec's "
+                f"last dim {action_spec.shape[-1]}."
+            )
+        if len(in_keys) != 1 or len(out_keys) != 2:
+            raise ValueError(f"SVGDActor: expects 1 in_key and 2 out_keys, got {in_keys} and {out_keys}.")
+        if particle_keys is not None and len(particle_keys) != 2:
+            raise ValueError(f"SVGDActor: particle_keys must hold 2 keys, got {particle_keys}.")
+        self.in_keys = list(in_keys)
+        self.particle_keys = None if particle_keys is None else list(particle_keys)
+        self.out_keys = list(out_keys) + (self.particle_keys or [])
+        self.action_dim = action_spec.shape[-1]
+        self.observation_dim = critic.observation_dim
+        self.num_particles = num_particles
+        self.train_selection, self.eval_selection = train_selection, eval_selection
+        self.default_exploration = default_exploration
+        self.log_std_bounds, self.std_bounds = log_std_bounds, std_bounds
+        dtype = torch.get_default_dtype()
+        self.squash = TanhSquash(space.low.to(dtype), space.high.to(dtype))
+        self.stein = SteinEntropy(
+            kernel if kernel is not None else RBFKernel(), step_size, num_steps, max_step_ratio=max_step_ratio
+        )
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.fixed_init_std = fixed_init_std
+        if fixed_init_std is not None:
+            if not fixed_init_std > 0:
+                raise ValueError(f"SVGDActor: fixed_init_std must be > 0, got {fixed_init_std!r}.")
+            self.init_network = None
+        else:
+            self.init_network = init_network if init_network is not None else MLP(
+                in_features=self.observation_dim,
+                out_features=2 * self.action_dim,
+                num_cells=list(num_cells),
+                activation_class=activation_class,
+            )
+        # Held by reference, outside the module tree: see the class docstring.
+        self.__dict__["critic"] = critic
+
+    def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean :math:`\mu_\theta(s)` and clamped std :math:`\sigma_\theta(s)` of :math:`q^0`, each ``[*batch, d]``."""
+        if self.init_network is None:
+            loc = observation.new_zeros(*observation.shape[:-1], self.action_dim)
+            return loc, torch.full_like(loc, self.fixed_init_std)
+        loc, log_std = self.init_network(observation).chunk(2, dim=-1)
+        scale = log_std.clamp(*self.log_std_bounds).exp().clamp(*self.std_bounds)
+        return loc, scale
+
+    def sample_particles(self, observation: torch.Tensor) -> ParticleSample:
+        """Run the sampler for observations ``[*batch, obs]``; differentiable when grad is enabled."""
+        if observation.shape[-1] != self.observation_dim:
+            raise ValueError(
+                f"SVGDActor expects observations shaped [..., {self.observation_dim}], got {tuple(observation.shape)}."
+            )
+        loc, scale = self.init_distribution(observation)
+        particles, log_q0 = sample_truncated_normal(loc, scale, self.num_particles)
+        per_particle_obs = observation.unsqueeze(-2).expand(*particles.shape[:-1], observation.shape[-1])
+        critic, squash, alpha = self.critic, self.squash, self.alpha
+
+        def log_density(u: torch.Tensor) -> torch.Tensor:
+            return critic.min_values(per_particle_obs, squash(u)) / alpha
+
+        out = self.stein.sample(log_density, particles, log_q0)
+        log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles)
+        return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale)
+
+    def _selection(self) -> str:
+        current = exploration_type() or self.default_exploration
+        return self.train_selection if current == ExplorationType.RANDOM else self.eval_selection
+
+    def select(self, observation: torch.Tensor, sample: ParticleSample, selection: str) -> torch.Tensor:
+        """Index ``[*batch]`` of the particle to act with."""
+        batch_shape = sample.log_prob.shape[:-1]
+        if selection == "random":
+            # Particles are exchangeable (i.i.d. initial draws, symmetric updates).
+            return torch.randint(self.num_particles, batch_shape, device=observation.device)
+        with torch.no_grad():
+            per_particle_obs = observation.unsqueeze(-2).expand(*sample.action.shape[:-1], observation.shape[-1])
+            q = self.critic.min_values(per_particle_obs, sample.action.detach())
+        if selection == "max":
+            return q.argmax(-1)
+        return torch.distributions.Categorical(logits=q / self.alpha).sample()
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        observation = tensordict.get(self.in_keys[0])
+        sample = self.sample_particles(observation)
+        index = self.select(observation, sample, self._selection())
+        action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
+        log_prob = sample.log_prob.gather(-1, index.unsqueeze(-1))
+        tensordict.set(self.out_keys[0], action.squeeze(-2))
+        tensordict.set(self.out_keys[1], log_prob.squeeze(-1))
+        if self.particle_keys is not None:
+            tensordict.set(self.particle_keys[0], sample.action)
+            tensordict.set(self.particle_keys[1], sample.log_prob)
+        return tensordict
+
+
+class SVGDPolicy(TensorDictModuleBase):
+    """An :class:`SVGDActor` packaged with its critic as submodules, for acting.
+
+    The actor keeps its critic outside its own module tree (so a loss trains
+    only :math:`q^0` through it). A collector that copies the policy into other
+    processes and syncs weights from its ``state_dict`` (``backend="process"``
+    or ``"ray"``) must see the critic's weights too: give it this wrapper. The
+    wrapped actor and critic are the same objects, not copies.
+    """
+
+    def __init__(self, actor: SVGDActor) -> None:
+        super().__init__()
+        self.actor = actor
+        self.critic = actor.critic
+        self.in_keys = actor.in_keys
+        self.out_keys = actor.out_keys
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        return self.actor(tensordict)
