@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import random
@@ -289,7 +290,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
     agent = make_agent(cfg, env_specs(cfg))
     replay_buffer = make_replay_buffer(cfg)
-    state = {"frames": 0, "updates": 0, "run_id": None, "next_eval": 0, "next_checkpoint": cfg.checkpoint.every_frames}
+    state = {"frames": 0, "updates": 0, "elapsed": 0.0, "run_id": None, "next_eval": 0, "next_checkpoint": cfg.checkpoint.every_frames}
     if cfg.resume:
         state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
     logger = make_logger(cfg, algorithm, state["run_id"])
@@ -318,8 +319,20 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     window: dict[str, list[float]] = {}
     last_log, start = state["frames"], time.perf_counter()
 
+    session_start, elapsed_before = time.perf_counter(), state["elapsed"]
+
     def checkpoint() -> None:
+        state["elapsed"] = elapsed_before + time.perf_counter() - session_start
         save_checkpoint(checkpoint_path, agent, replay_buffer, state)
+
+    metrics_file = Path("metrics.jsonl").open("a")
+
+    def record(metrics: dict) -> None:
+        """Log to the TorchRL logger and append to metrics.jsonl (read by compare.py)."""
+        if logger is not None:
+            logger.log_metrics(metrics, step=state["frames"])
+        metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed_before + time.perf_counter() - session_start, **metrics}) + "\n")
+        metrics_file.flush()
 
     try:
         for data in collector:
@@ -353,8 +366,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
                 metrics["time/fps"] = (state["frames"] - last_log) / max(elapsed, 1e-9)
                 metrics["train/updates"] = state["updates"]
                 metrics.update({f"time/{k}": v for k, v in timeit.todict(percall=True).items()})
-                if logger is not None:
-                    logger.log_metrics(metrics, step=state["frames"])
+                record(metrics)
                 window, last_log, start = {}, state["frames"], time.perf_counter()
                 timeit.erase()
             if state["frames"] >= state["next_checkpoint"]:
@@ -369,8 +381,8 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         if collector:
             collector.shutdown()
     final = evaluate(cfg, eval_env, agent.policy)
-    if logger is not None:
-        logger.log_metrics(final, step=state["frames"])
+    record({**final, "final": 1})
+    metrics_file.close()
     checkpoint()
     eval_env.close()
     if logger is not None and cfg.logger.backend == "wandb":

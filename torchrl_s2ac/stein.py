@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SVGDNumericalError(FloatingPointError):
@@ -197,14 +198,26 @@ class SteinEntropy(nn.Module):
         return f"step_size={self.step_size}, num_steps={self.num_steps}, exact={self.exact}"
 
     def forward(
-        self, log_density: LogDensity, particles: torch.Tensor, log_q0: torch.Tensor
+        self,
+        log_density: LogDensity | None,
+        particles: torch.Tensor,
+        log_q0: torch.Tensor,
+        *,
+        score_fn: ScoreFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.sample(log_density, particles, log_q0)
+        out = self.sample(log_density, particles, log_q0, score_fn=score_fn)
         return out.particles, out.log_prob
 
-    def entropy(self, log_density: LogDensity, particles: torch.Tensor, log_q0: torch.Tensor) -> torch.Tensor:
+    def entropy(
+        self,
+        log_density: LogDensity | None,
+        particles: torch.Tensor,
+        log_q0: torch.Tensor,
+        *,
+        score_fn: ScoreFn | None = None,
+    ) -> torch.Tensor:
         r"""Entropy estimate :math:`-\frac1m\sum_i \log q^L(u_i^L)` per state, ``[*batch]``."""
-        return -self.sample(log_density, particles, log_q0).log_prob.mean(-1)
+        return -self.sample(log_density, particles, log_q0, score_fn=score_fn).log_prob.mean(-1)
 
     def _check_inputs(self, particles: torch.Tensor, log_q0: torch.Tensor) -> None:
         if particles.ndim < 2:
@@ -225,15 +238,34 @@ class SteinEntropy(nn.Module):
                     f"(step_size={self.step_size}, kernel={self.kernel.extra_repr()})."
                 )
 
-    def sample(self, log_density: LogDensity, particles: torch.Tensor, log_q0: torch.Tensor) -> SteinOutput:
-        """Like :meth:`forward`, also returning the invertibility diagnostic."""
+    def sample(
+        self,
+        log_density: LogDensity | None,
+        particles: torch.Tensor,
+        log_q0: torch.Tensor,
+        *,
+        score_fn: ScoreFn | None = None,
+    ) -> SteinOutput:
+        """Like :meth:`forward`, also returning the invertibility diagnostic.
+
+        Only the score :math:`\nabla_u \log p` enters SVGD and the trace. It is taken
+        from ``log_density`` by autograd, or given directly by ``score_fn``
+        (``[*batch, m, d] -> [*batch, m, d]``), for instance in closed form, which
+        avoids a double backward when a loss differentiates through the sampler.
+        """
         self._check_inputs(particles, log_q0)
+        if (log_density is None) == (score_fn is None):
+            raise ValueError("SteinEntropy: pass exactly one of log_density and score_fn.")
         create_graph = torch.is_grad_enabled()
         if not create_graph:
             particles, log_q0 = particles.detach(), log_q0.detach()
         log_q, ratios = log_q0, []
         for step in range(self.num_steps):
-            grad = score(log_density, particles, create_graph)
+            grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
+            if grad.shape != particles.shape:
+                raise ValueError(
+                    f"score_fn must return the particles' shape {tuple(particles.shape)}, got {tuple(grad.shape)}."
+                )
             kernel = self.kernel(particles)
             phi = svgd_direction(kernel, grad)
             length_scale = kernel.bandwidth.sqrt().squeeze(-1)  # [*batch, 1]

@@ -189,7 +189,18 @@ class SVGDActor(TensorDictModuleBase):
         def log_density(u: torch.Tensor) -> torch.Tensor:
             return critic.min_values(per_particle_obs, squash(u)) / alpha
 
-        out = self.stein.sample(log_density, particles, log_q0)
+        def score_fn(u: torch.Tensor) -> torch.Tensor:
+            # grad_u min_k Q_k(s, squash(u)) / alpha, with the input gradient in closed form.
+            tanh_u = torch.tanh(u)
+            q, dq_da = critic.values_and_action_grad(per_particle_obs, squash.loc + squash.scale * tanh_u)
+            member = q.argmin(0, keepdim=True).unsqueeze(-1).expand(1, *dq_da.shape[1:])
+            dq_da = dq_da.gather(0, member).squeeze(0)
+            return dq_da * squash.scale * (1 - tanh_u.square()) / alpha
+
+        if critic.has_explicit_action_grad:
+            out = self.stein.sample(None, particles, log_q0, score_fn=score_fn)
+        else:
+            out = self.stein.sample(log_density, particles, log_q0)
         log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles)
         return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale)
 

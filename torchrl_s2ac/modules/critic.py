@@ -12,6 +12,14 @@ from torch import nn
 
 __all__ = ["SoftQCritic"]
 
+# act'(z) from the pre-activation z and the activation's output y.
+_ACTIVATION_DERIVATIVES = {
+    # ELU: 1 for z > 0, y + alpha otherwise; for alpha <= 1 that is min(y + alpha, 1).
+    nn.ELU: lambda act, z, y: (y + act.alpha).clamp(max=1.0) if act.alpha <= 1 else torch.where(z > 0, 1.0, y + act.alpha),
+    nn.ReLU: lambda act, z, y: (z > 0).to(z.dtype),
+    nn.Tanh: lambda act, z, y: 1 - y.square(),
+}
+
 
 class SoftQCritic(TensorDictModuleBase):
     r"""``num_qvalue_nets`` independent MLP critics :math:`Q_k(s, a)` with stacked weights.
@@ -97,6 +105,52 @@ class SoftQCritic(TensorDictModuleBase):
             if index < last:
                 x = self.activation(x)
         return x.reshape(self.num_qvalue_nets, *batch_shape)
+
+    @property
+    def has_explicit_action_grad(self) -> bool:
+        """Whether :meth:`values_and_action_grad` supports this critic's activation."""
+        return type(self.activation) in _ACTIVATION_DERIVATIVES
+
+    def values_and_action_grad(
+        self, observation: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`Q_k(s, a)` ``[num_q, *batch]`` and :math:`\nabla_a Q_k(s, a)` ``[num_q, *batch, act]``.
+
+        The input gradient is written as an explicit forward computation (back-propagating
+        the unit output through the stacked layers with the activation's derivative),
+        so it is an ordinary differentiable graph: a loss through it needs one backward,
+        not a double backward. Activations with a known derivative: ELU, ReLU, Tanh.
+        """
+        derivative = _ACTIVATION_DERIVATIVES.get(type(self.activation))
+        if not self.has_explicit_action_grad:
+            raise NotImplementedError(
+                f"SoftQCritic.values_and_action_grad: no closed-form derivative for {type(self.activation).__name__}."
+            )
+        if observation.shape[:-1] != action.shape[:-1]:
+            leading = torch.broadcast_shapes(observation.shape[:-1], action.shape[:-1])
+            observation, action = observation.expand(*leading, -1), action.expand(*leading, -1)
+        batch_shape = action.shape[:-1]
+        x = torch.cat([observation, action], -1).reshape(1, -1, self.observation_dim + self.action_dim)
+        x = x.expand(self.num_qvalue_nets, -1, -1)
+        slopes = []
+        last = len(self.weights) - 1
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            z = torch.baddbmm(bias, x, weight)
+            if index < last:
+                x = self.activation(z)
+                slopes.append(derivative(self.activation, z, x))
+            else:
+                x = z
+        # Backward pass by hand: g <- (g @ W^T) * act'(z), from the output down to the input.
+        grad = self.weights[last].transpose(-1, -2).expand(-1, x.shape[1], -1)  # [num_q, N, width]
+        for index in range(last - 1, -1, -1):
+            grad = grad * slopes[index]
+            weight = self.weights[index]
+            if index == 0:
+                weight = weight[:, self.observation_dim :]  # only the action rows are needed
+            grad = grad @ weight.transpose(-1, -2)
+        values = x.reshape(self.num_qvalue_nets, *batch_shape)
+        return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
 
     def min_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         r""":math:`\min_k Q_k(s, a)`, ``[*batch]``."""
