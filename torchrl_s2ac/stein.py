@@ -55,8 +55,8 @@ class SteinOutput(NamedTuple):
         log_prob: closed-form :math:`\\log q^L(u^L)`, ``[*batch, m]``.
         step_ratio: invertibility diagnostic per SVGD step, ``[L]``: the largest
             (over states and particles) displacement :math:`\\epsilon\\|\\phi(u_i)\\|`
-            divided by the kernel length scale :math:`\\sqrt h`. The change of
-            variables needs it well below 1.
+            actually taken, divided by the kernel length scale :math:`\\sqrt h`.
+            The change of variables needs it well below 1.
     """
 
     particles: torch.Tensor
@@ -119,7 +119,7 @@ def exact_log_det(
     :math:`u_i \mapsto \phi_{j\neq i}(u_i)` (other particles held fixed), ``[*batch, m]``.
 
     Costs a ``d x d`` Jacobian and determinant per particle; meant for validation
-    and small ``d``. ``step_size`` broadcasts against ``[*batch, 1, 1]``.
+    and small ``d``. ``step_size`` is a scalar or one value per state, ``[*batch]``.
     """
     batch_shape, (m, d) = particles.shape[:-2], particles.shape[-2:]
     flat_u = particles.reshape(-1, m, d)
@@ -131,7 +131,8 @@ def exact_log_det(
     index = torch.arange(m, device=particles.device)
     jacobians = per_state(flat_u, index, flat_u, flat_s, flat_h).reshape(*batch_shape, m, d, d)
     eye = torch.eye(d, dtype=particles.dtype, device=particles.device)
-    step = torch.as_tensor(step_size, dtype=particles.dtype).unsqueeze(-1)
+    step = torch.as_tensor(step_size, dtype=particles.dtype, device=particles.device)
+    step = step.reshape(*step.shape, 1, 1, 1) if step.ndim else step
     return torch.linalg.slogdet(eye + step * jacobians).logabsdet
 
 
@@ -246,7 +247,7 @@ class SteinEntropy(nn.Module):
         *,
         score_fn: ScoreFn | None = None,
     ) -> SteinOutput:
-        """Like :meth:`forward`, also returning the invertibility diagnostic.
+        r"""Like :meth:`forward`, also returning the invertibility diagnostic.
 
         Only the score :math:`\nabla_u \log p` enters SVGD and the trace. It is taken
         from ``log_density`` by autograd, or given directly by ``score_fn``
@@ -270,15 +271,15 @@ class SteinEntropy(nn.Module):
             phi = svgd_direction(kernel, grad)
             length_scale = kernel.bandwidth.sqrt().squeeze(-1)  # [*batch, 1]
             ratio = (self.step_size * phi.detach().norm(dim=-1) / length_scale).amax(-1)  # [*batch]
-            step_size = torch.full_like(ratio, self.step_size)
+            step_size = torch.full_like(ratio, self.step_size)  # one per state: [*batch]
             if self.max_step_ratio is not None:
-                step_size = step_size * (self.max_step_ratio / ratio).clamp(max=1.0)
-            step_size = step_size.reshape(*ratio.shape, 1, 1)
+                shrink = (self.max_step_ratio / ratio).clamp(max=1.0)
+                step_size, ratio = step_size * shrink, ratio * shrink
             if self.exact:
-                log_det = exact_log_det(kernel, particles, grad, step_size.squeeze(-1))
+                log_det = exact_log_det(kernel, particles, grad, step_size)
             else:
-                log_det = step_size.squeeze(-1) * stein_trace(kernel, grad)
-            particles = particles + step_size * phi
+                log_det = step_size.unsqueeze(-1) * stein_trace(kernel, grad)
+            particles = particles + step_size[..., None, None] * phi
             log_q = log_q - log_det
             if not create_graph:
                 particles, log_q = particles.detach(), log_q.detach()
