@@ -8,7 +8,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
-from torchrl.data import TensorSpec
+from torchrl.data import Bounded, TensorSpec
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
@@ -125,8 +125,10 @@ class SVGDActor(TensorDictModuleBase):
             if value not in SELECTIONS:
                 raise ValueError(f"SVGDActor: {name} must be one of {SELECTIONS}, got {value!r}.")
         space = getattr(action_spec, "space", None)
-        if space is None or not hasattr(space, "low"):
-            raise ValueError(f"SVGDActor needs a bounded action spec (with low/high), got {type(action_spec).__name__}.")
+        if not isinstance(action_spec, Bounded) or space is None:
+            raise ValueError(
+                f"SVGDActor needs a bounded action spec (torchrl.data.Bounded), got {type(action_spec).__name__}."
+            )
         if critic.action_dim != action_spec.shape[-1]:
             raise ValueError(
                 f"SVGDActor: critic.action_dim={critic.action_dim} does not match the action spec's "

@@ -1,0 +1,186 @@
+"""SoftQCritic and SVGDActor: math, TensorDict interface, TorchRL collectors."""
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.data import Bounded, Unbounded
+from torchrl.envs import Compose, DoubleToFloat, GymEnv, InitTracker, SerialEnv, StepCounter, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from torchrl_s2ac import SoftQCritic, SVGDActor, SVGDPolicy, TanhSquash
+
+DT = torch.float64
+
+
+def member_values(critic, observation, action, k):
+    """Member k of the ensemble as a plain MLP, layer by layer."""
+    x = torch.cat([observation, action], -1)
+    for index, (weight, bias) in enumerate(zip(critic.weights, critic.biases)):
+        x = x @ weight[k] + bias[k, 0]
+        if index < len(critic.weights) - 1:
+            x = critic.activation(x)
+    return x.squeeze(-1)
+
+
+@pytest.mark.parametrize("activation", [nn.ELU, nn.ReLU, nn.Tanh])
+def test_critic_ensemble_and_closed_form_action_gradient(activation):
+    critic = SoftQCritic(4, 2, num_cells=(16, 8), activation_class=activation, num_qvalue_nets=3).to(DT)
+    observation = torch.randn(5, 7, 4, dtype=DT)
+    action = torch.randn(5, 7, 2, dtype=DT, requires_grad=True)
+    values = critic.ensemble_values(observation, action)
+    assert values.shape == (3, 5, 7)
+    for k in range(3):
+        torch.testing.assert_close(values[k], member_values(critic, observation, action, k))
+    q, dq_da = critic.values_and_action_grad(observation, action)
+    torch.testing.assert_close(q, values)
+    for k in range(3):
+        (expected,) = torch.autograd.grad(values[k].sum(), action, retain_graph=True)
+        torch.testing.assert_close(dq_da[k], expected)
+    # The closed-form gradient is itself differentiable (second derivatives agree with autograd).
+    weight = critic.weights[1]
+    (second,) = torch.autograd.grad(dq_da.sum(), weight, retain_graph=True)
+    (first,) = torch.autograd.grad(values.sum(), action, create_graph=True)
+    (expected_second,) = torch.autograd.grad(first.sum(), weight)
+    torch.testing.assert_close(second, expected_second)
+
+
+def test_critic_tensordict_interface():
+    critic = SoftQCritic(3, 2)
+    td = TensorDict({"observation": torch.randn(4, 3), "action": torch.randn(4, 2)}, [4])
+    assert critic(td)["state_action_value"].shape == (4, 2)
+    min_critic = SoftQCritic(3, 2, reduce="min", in_keys=["obs", "act"], out_keys=["q"])
+    td = TensorDict({"obs": torch.randn(4, 3), "act": torch.randn(4, 2)}, [4])
+    q = min_critic(td)["q"]
+    assert q.shape == (4, 1)
+    torch.testing.assert_close(q.squeeze(-1), min_critic.ensemble_values(td["obs"], td["act"]).amin(0))
+    with pytest.raises(ValueError, match="expects observation"):
+        critic.ensemble_values(torch.randn(4, 5), torch.randn(4, 2))
+
+
+def test_tanh_squash_log_det_is_stable_and_exact():
+    squash = TanhSquash(torch.tensor([-2.0, 0.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT))
+    u = torch.tensor([[0.3, -1.2], [25.0, -30.0]], dtype=DT)
+    a = squash(u)
+    assert ((a >= squash.loc - squash.scale) & (a <= squash.loc + squash.scale)).all()
+    expected = torch.log(squash.scale * (1 - torch.tanh(u[0]).square())).sum()
+    torch.testing.assert_close(squash.log_abs_det_jacobian(u)[0], expected)
+    assert torch.isfinite(squash.log_abs_det_jacobian(u)).all()  # the naive form gives -inf here
+    with pytest.raises(ValueError, match="finite action bounds"):
+        TanhSquash(torch.tensor([-math.inf]), torch.tensor([1.0]))
+
+
+def make_actor(obs_dim=3, act_dim=2, **kwargs):
+    spec = Bounded(-torch.ones(act_dim), 2 * torch.ones(act_dim), (act_dim,))
+    critic = SoftQCritic(obs_dim, act_dim, num_cells=(32, 32))
+    kwargs.setdefault("num_cells", (32, 32))
+    return SVGDActor(spec, critic, num_particles=6, num_steps=2, **kwargs), critic
+
+
+@pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
+def test_actor_shapes_and_bounds(batch):
+    actor, _ = make_actor(particle_keys=["particle_action", "particle_log_prob"])
+    td = actor(TensorDict({"observation": torch.randn(*batch, 3)}, batch))
+    assert td["action"].shape == (*batch, 2)
+    assert td["action_log_prob"].shape == batch
+    assert td["particle_action"].shape == (*batch, 6, 2)
+    assert ((td["particle_action"] >= -1) & (td["particle_action"] <= 2)).all()
+    # The chosen action is one of the particles.
+    matches = (td["particle_action"] == td["action"].unsqueeze(-2)).all(-1).any(-1)
+    assert matches.all()
+
+
+def test_actor_selection_follows_exploration_type():
+    actor, critic = make_actor(train_selection="random", eval_selection="max", particle_keys=["pa", "plp"])
+    obs = torch.randn(64, 3)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        td = actor(TensorDict({"observation": obs}, [64]))
+    q = critic.min_values(obs.unsqueeze(-2).expand(64, 6, 3), td["pa"])
+    best = td["pa"].gather(-2, q.argmax(-1)[:, None, None].expand(64, 1, 2)).squeeze(-2)
+    torch.testing.assert_close(td["action"], best)
+    with set_exploration_type(ExplorationType.RANDOM):
+        td = actor(TensorDict({"observation": obs}, [64]))
+    q = critic.min_values(obs.unsqueeze(-2).expand(64, 6, 3), td["pa"])
+    chosen_q = critic.min_values(obs, td["action"])
+    assert (chosen_q < q.amax(-1) - 1e-6).any()  # random selection is not always the argmax
+
+
+def test_softmax_selection_frequencies():
+    actor, critic = make_actor(eval_selection="softmax", alpha=0.05)
+    obs = torch.randn(1, 3).expand(4000, 3)
+    sample = actor.sample_particles(obs[:1])
+    sample = sample._replace(action=sample.action.expand(4000, 6, 2))
+    index = actor.select(obs, sample, "softmax")
+    q = critic.min_values(obs[:1].unsqueeze(-2).expand(1, 6, 3), sample.action[:1])
+    expected = torch.softmax(q / 0.05, -1).squeeze(0)
+    observed = torch.bincount(index, minlength=6).float() / 4000
+    torch.testing.assert_close(observed, expected.detach(), atol=0.03, rtol=0)
+
+
+def test_explicit_score_matches_autograd_score(monkeypatch):
+    actor, critic = make_actor()
+    obs = torch.randn(4, 3)
+    torch.manual_seed(1)
+    explicit = actor.sample_particles(obs)
+    monkeypatch.setattr(SoftQCritic, "has_explicit_action_grad", property(lambda self: False))
+    torch.manual_seed(1)
+    autograd = actor.sample_particles(obs)
+    torch.testing.assert_close(explicit.action, autograd.action)
+    torch.testing.assert_close(explicit.log_prob, autograd.log_prob)
+
+
+def test_actor_parameters_exclude_critic_and_no_grad_outputs_are_detached():
+    actor, critic = make_actor()
+    actor_params = {id(p) for p in actor.parameters()}
+    assert not actor_params & {id(p) for p in critic.parameters()}
+    with torch.no_grad():
+        td = actor(TensorDict({"observation": torch.randn(3, 3)}, [3]))
+    assert not td["action"].requires_grad
+    policy = SVGDPolicy(actor)
+    assert {id(p) for p in policy.parameters()} == actor_params | {id(p) for p in critic.parameters()}
+
+
+def test_fixed_initial_distribution():
+    actor, _ = make_actor(fixed_init_std=0.5)
+    assert actor.init_network is None and not list(actor.parameters())
+    loc, scale = actor.init_distribution(torch.randn(4, 3))
+    assert (loc == 0).all() and (scale == 0.5).all()
+
+
+def test_actor_errors():
+    critic = SoftQCritic(3, 2)
+    with pytest.raises(ValueError, match="bounded action spec"):
+        SVGDActor(Unbounded((2,)), critic)
+    with pytest.raises(ValueError, match="num_particles"):
+        SVGDActor(Bounded(-1, 1, (2,)), critic, num_particles=1)
+    with pytest.raises(ValueError, match="action_dim"):
+        SVGDActor(Bounded(-1, 1, (3,)), critic)
+    with pytest.raises(ValueError, match="train_selection"):
+        SVGDActor(Bounded(-1, 1, (2,)), critic, train_selection="best")
+    with pytest.raises(TypeError, match="SoftQCritic"):
+        SVGDActor(Bounded(-1, 1, (2,)), nn.Linear(5, 1))
+    actor = SVGDActor(Bounded(-1, 1, (2,)), critic)
+    with pytest.raises(ValueError, match="observations shaped"):
+        actor.sample_particles(torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("env_name", ["Pendulum-v1", "InvertedPendulum-v5"])
+@pytest.mark.parametrize("exploration", [ExplorationType.RANDOM, ExplorationType.DETERMINISTIC])
+def test_actor_in_collector(env_name, exploration):
+    env = TransformedEnv(
+        SerialEnv(2, lambda: GymEnv(env_name)), Compose(InitTracker(), DoubleToFloat(), StepCounter(20))
+    )
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    critic = SoftQCritic(obs_dim, env.action_spec.shape[-1], num_cells=(32,))
+    actor = SVGDActor(env.action_spec_unbatched, critic, num_particles=4, num_steps=2, num_cells=(32,))
+    collector = Collector(env, actor, frames_per_batch=20, total_frames=40, exploration_type=exploration)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 2
+    data = batches[0]
+    assert data.batch_size == (2, 10)
+    assert data["action"].shape == (2, 10, env.action_spec.shape[-1])
+    assert not data["action"].requires_grad
+    assert env.action_spec_unbatched.is_in(data["action"][0, 0])
