@@ -41,7 +41,7 @@ def launch(args, algorithm: str, seed: int) -> subprocess.Popen | None:
         f"logger.eval_every_frames={args.eval_every}",
         f"logger.eval_episodes={args.eval_episodes}",
         f"checkpoint.every_frames={args.frames // 4}",
-        "num_threads=1",
+        f"num_threads={args.threads}",
         f"hydra.run.dir={directory}",
         *args.overrides,
     ]
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5_000)
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/hopper"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for both scripts")
     args = parser.parse_args()

@@ -200,10 +200,12 @@ def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
 def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optimizer]:
     """Adam on the actor, the critic and (when learned) the temperature."""
     optim = cfg.optim
-    optimizers = [
-        torch.optim.Adam(list(loss.actor_network_params.values(True, True)), lr=optim.lr_actor),
-        torch.optim.Adam(list(loss.qvalue_network_params.values(True, True)), lr=optim.lr_critic),
-    ]
+    def trainable(params):
+        return [p for p in params.values(True, True) if p.requires_grad]
+
+    optimizers = [torch.optim.Adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)]
+    if trainable(loss.actor_network_params):  # a fixed q0 has nothing to train
+        optimizers.append(torch.optim.Adam(trainable(loss.actor_network_params), lr=optim.lr_actor))
     if isinstance(loss.log_alpha, torch.nn.Parameter):
         optimizers.append(torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha))
     return optimizers

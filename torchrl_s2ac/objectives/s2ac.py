@@ -252,6 +252,13 @@ class S2ACLoss(LossModule):
             with self.target_qvalue_network_params.to_module(self.qvalue_network):
                 next_q = self.qvalue_network.min_values(self._per_particle(next_observation), sample.action)
             next_value = (next_q - self._alpha * sample.log_prob).mean(-1, keepdim=True)
+            for key in (self.tensor_keys.reward, self.tensor_keys.done, self.tensor_keys.terminated):
+                value = self._get(tensordict, ("next", key))
+                if value.shape != next_value.shape:
+                    raise ValueError(
+                        f"S2ACLoss: ('next', {key!r}) has shape {tuple(value.shape)}; expected "
+                        f"{tuple(next_value.shape)} ([*batch, 1], like the observation's batch)."
+                    )
             target_tensordict = tensordict.select("next", strict=False).copy()
             return self.value_estimator.value_estimate(target_tensordict, next_value=next_value)
 
