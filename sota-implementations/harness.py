@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -68,6 +69,14 @@ class Agent:
 # ---------------------------------------------------------------------------
 # Configuration checks
 # ---------------------------------------------------------------------------
+
+
+def exit_on_config_error(validate: Callable[[DictConfig], None], cfg: DictConfig) -> None:
+    """Run ``validate``; a :class:`ConfigError` ends the program with one line naming the bad value."""
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        raise SystemExit(f"Invalid configuration: {error}") from None
 
 
 def validate_common(cfg: DictConfig) -> None:
@@ -375,13 +384,18 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
                 checkpoint()
                 state["next_checkpoint"] += cfg.checkpoint.every_frames
     except KeyboardInterrupt:
-        progress.write(f"Interrupted at {state['frames']} frames; checkpoint written to {checkpoint_path}.")
         checkpoint()
-        raise
+        message = f"Interrupted at {state['frames']} frames; resume with resume={checkpoint_path}"
+        tqdm.tqdm.write(message, file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         progress.close()
         if collector:
             collector.shutdown()
+            # torchrl 0.14: a weight-sync scheme left to its __del__ at interpreter exit deadlocks
+            # (it starts a queue thread during finalisation); stop it while the interpreter is alive.
+            for scheme in (getattr(collector, "_weight_sync_schemes", None) or {}).values():
+                scheme.shutdown()
     final = evaluate(cfg, eval_env, agent.policy)
     record({**final, "final": 1})
     metrics_file.close()

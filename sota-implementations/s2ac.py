@@ -62,9 +62,8 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
 
 @hydra.main(version_base="1.3", config_path="config", config_name="s2ac")
 def main(cfg: DictConfig) -> None:
-    validate(cfg)
-    result = harness.train(cfg, "s2ac", make_agent)
-    print(result)
+    harness.exit_on_config_error(validate, cfg)
+    print(harness.train(cfg, "s2ac", make_agent))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ from torchrl.objectives import SACLoss
 import harness
 
 
+def validate(cfg: DictConfig) -> None:
+    harness.validate_common(cfg)
+    if not cfg.sac.alpha > 0:
+        raise harness.ConfigError(f"sac.alpha={cfg.sac.alpha} must be > 0.")
+
+
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
     net = cfg.network
     obs_dim = env.observation_spec["observation"].shape[-1]
@@ -53,9 +59,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
 
 @hydra.main(version_base="1.3", config_path="config", config_name="sac")
 def main(cfg: DictConfig) -> None:
-    harness.validate_common(cfg)
-    if not cfg.sac.alpha > 0:
-        raise harness.ConfigError(f"sac.alpha={cfg.sac.alpha} must be > 0.")
+    harness.exit_on_config_error(validate, cfg)
     print(harness.train(cfg, "sac", make_agent))
 
 

@@ -174,7 +174,9 @@ def test_actor_in_collector(env_name, exploration):
     )
     obs_dim = env.observation_spec["observation"].shape[-1]
     critic = SoftQCritic(obs_dim, env.action_spec.shape[-1], num_cells=(32,))
-    actor = SVGDActor(env.action_spec_unbatched, critic, num_particles=4, num_steps=2, num_cells=(32,))
+    actor = SVGDActor(
+        env.action_spec_unbatched, critic, num_particles=4, num_steps=2, num_cells=(32,), max_step_ratio=0.5
+    )
     collector = Collector(env, actor, frames_per_batch=20, total_frames=40, exploration_type=exploration)
     batches = list(collector)
     collector.shutdown()

@@ -75,6 +75,7 @@ class SVGDActor(TensorDictModuleBase):
         log_std_bounds (tuple): clamp on the network's log-std. Defaults to ``(-20, 2)``.
         std_bounds (tuple): clamp on :math:`\sigma`. Defaults to ``(0.1, 1.0)``.
         max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
+        warn_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``1.0``.
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
             ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q) or
             ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`).
@@ -107,6 +108,7 @@ class SVGDActor(TensorDictModuleBase):
         log_std_bounds: tuple[float, float] = (-20.0, 2.0),
         std_bounds: tuple[float, float] = (0.1, 1.0),
         max_step_ratio: float | None = None,
+        warn_ratio: float | None = 1.0,
         train_selection: str = "random",
         eval_selection: str = "max",
         default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
@@ -150,7 +152,11 @@ class SVGDActor(TensorDictModuleBase):
         dtype = torch.get_default_dtype()
         self.squash = TanhSquash(space.low.to(dtype), space.high.to(dtype))
         self.stein = SteinEntropy(
-            kernel if kernel is not None else RBFKernel(), step_size, num_steps, max_step_ratio=max_step_ratio
+            kernel if kernel is not None else RBFKernel(),
+            step_size,
+            num_steps,
+            max_step_ratio=max_step_ratio,
+            warn_ratio=warn_ratio,
         )
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.fixed_init_std = fixed_init_std

@@ -1,0 +1,127 @@
+"""The training scripts end to end on a real MuJoCo env, with offline W&B, checkpoints and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "sota-implementations"
+TINY = [
+    "env=hopper",
+    "env.max_episode_steps=40",
+    "env.num_envs=2",
+    "collector.frames_per_batch=20",
+    "collector.init_random_frames=40",
+    "collector.learning_starts=40",
+    "optim.batch_size=16",
+    "logger.eval_every_frames=80",
+    "logger.eval_episodes=2",
+    "logger.log_every_frames=20",
+    "checkpoint.every_frames=60",
+    "network.critic_cells=[32,32]",
+    "num_threads=1",
+    "replay_buffer.size=1000",
+]
+S2AC_TINY = ["network.init_cells=[32,32]", "s2ac.num_particles=4", "s2ac.num_steps=2"]
+SAC_TINY = ["network.actor_cells=[32,32]"]
+
+
+def run(script, out, *overrides, timeout=300, check=True):
+    env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{script}.py"), f"hydra.run.dir={out}", *overrides],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_state(out):
+    return torch.load(Path(out) / "checkpoints" / "last.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("script,extra", [("s2ac", S2AC_TINY), ("sac", SAC_TINY)])
+def test_script_trains_logs_and_resumes(tmp_path, script, extra):
+    out = tmp_path / script
+    run(script, out, *TINY, *extra, "collector.total_frames=120")
+    records = metrics(out)
+    assert records[-1]["final"] == 1 and records[-1]["frames"] == 120
+    keys = set().union(*records)
+    assert {"eval/return", "train/loss_actor", "train/loss_qvalue", "train/alpha", "train/entropy", "time/fps"} <= keys
+    if script == "s2ac":
+        assert "train/svgd_step_ratio" in keys
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    state = checkpoint_state(out)
+    assert state["state"]["frames"] == 120
+    # Resume to a larger total: continues from 120 frames, ends at 200, buffer holds every frame once.
+    run(script, out, *TINY, *extra, "collector.total_frames=200", f"resume={out}/checkpoints/last.pt")
+    state = checkpoint_state(out)
+    assert state["state"]["frames"] == 200
+    assert state["state"]["updates"] > 0
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(1000))
+    buffer.loads(state["buffer_dir"])
+    assert len(buffer) == 200
+    assert metrics(out)[-1]["frames"] == 200
+
+
+def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):
+    out = tmp_path / "interrupted"
+    env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "s2ac.py"), f"hydra.run.dir={out}", *TINY, *S2AC_TINY,
+         "collector.total_frames=100000", "checkpoint.every_frames=100000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        path = out / "metrics.jsonl"
+        if path.exists() and any("train/loss_actor" in line for line in path.read_text().splitlines()):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Interrupted at" in stderr
+    state = checkpoint_state(out)["state"]
+    assert 0 < state["frames"] < 100000
+    frames = state["frames"]
+    run("s2ac", out, *TINY, *S2AC_TINY, f"collector.total_frames={frames + 40}", f"resume={out}/checkpoints/last.pt")
+    assert checkpoint_state(out)["state"]["frames"] == frames + 40
+
+
+def test_process_backend(tmp_path):
+    out = tmp_path / "process"
+    run("s2ac", out, *TINY, *S2AC_TINY, "collector.backend=process", "collector.num_workers=2",
+        "collector.total_frames=120", "logger.backend=csv")
+    assert metrics(out)[-1]["frames"] >= 120
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("s2ac.num_particles=1", "s2ac.num_particles=1 must be >= 2"),
+        ("s2ac.step_size=0", "s2ac.step_size=0 must be > 0"),
+        ("env.name=NoSuchEnv-v0", "env.name='NoSuchEnv-v0' is not a registered"),
+        ("collector.frames_per_batch=0", "collector.frames_per_batch=0 must be > 0"),
+        ("optim.batch_size=5000", "optim.batch_size=5000 is larger than the data available"),
+    ],
+)
+def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
+    result = run("s2ac", tmp_path / "bad", override, check=False, timeout=120)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("Invalid configuration:") and message in last_line
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
