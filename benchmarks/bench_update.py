@@ -212,17 +212,17 @@ def main() -> None:
         grid = {"m": (5, 10, 20), "L": (1, 3), "batch": (100, 256)}
     lines += ["", "## Scaling of the S2AC update (Hopper-v5 shapes), one factor varied", "",
               "| factor | value | ms / update | relative to default |", "| --- | --- | --- | --- |"]
-    base = None
+    def update_ms(m, steps, batch):
+        data = transitions(batch, obs_dim, act_dim)
+        return median_ms(update_fn(s2ac_agent(obs_dim, act_dim, m, steps)[1], data), max(3, repeats // 3))
+
+    base = update_ms(10, 3, 100)
     for factor, values in grid.items():
         for value in values:
-            m = value if factor == "m" else 10
-            steps = value if factor == "L" else 3
-            batch = value if factor == "batch" else 100
-            ms = median_ms(update_fn(s2ac_agent(obs_dim, act_dim, m, steps)[1], transitions(batch, obs_dim, act_dim)),
-                           max(3, repeats // 3))
-            if (m, steps, batch) == (10, 3, 100) and base is None:
-                base = ms
-            lines.append(f"| {factor} | {value} | {ms:.1f} | {ms / base:.2f}x |" if base else f"| {factor} | {value} | {ms:.1f} | |")
+            ms = update_ms(
+                value if factor == "m" else 10, value if factor == "L" else 3, value if factor == "batch" else 100
+            )
+            lines.append(f"| {factor} | {value} | {ms:.1f} | {ms / base:.2f}x |")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines += ["", f"Peak resident memory of the whole benchmark process: {peak_mb:.0f} MB."]
     report = "\n".join(lines)

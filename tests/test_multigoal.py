@@ -1,0 +1,115 @@
+"""MultiGoalEnv: hand-computed steps, batching, obstacles, specs."""
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs import check_env_specs
+
+from torchrl_s2ac.envs import MultiGoalEnv
+from torchrl_s2ac.envs.multigoal import segments_intersect
+
+
+def step(env, position, action, step_count=0):
+    shape = env.batch_size
+    td = TensorDict(
+        {
+            "observation": torch.as_tensor(position, dtype=torch.float32).expand(*shape, 2),
+            "step": torch.full((*shape, 1), step_count, dtype=torch.int64),
+            "action": torch.as_tensor(action, dtype=torch.float32).expand(*shape, 2),
+        },
+        shape,
+    )
+    return env.step(td)["next"]
+
+
+@pytest.mark.parametrize("layout", ["four_goals", "three_goals"])
+@pytest.mark.parametrize("obstacle", [False, True])
+@pytest.mark.parametrize("batch_size", [(), (4,), (2, 3)])
+def test_specs(layout, obstacle, batch_size):
+    check_env_specs(MultiGoalEnv(layout=layout, obstacle=obstacle, batch_size=batch_size))
+
+
+def test_dynamics_and_reward_by_hand():
+    env = MultiGoalEnv()
+    out = step(env, [1.0, 2.0], [0.5, -2.0])  # action clipped to (0.5, -1)
+    torch.testing.assert_close(out["observation"], torch.tensor([1.5, 1.0]))
+    # nearest goal to (1.5, 1): (0, 5) -> 2.25 + 16 = 18.25, (5, 0) -> 12.25 + 1 = 13.25
+    expected = -30 * (0.25 + 1.0) - 13.25
+    assert out["reward"].item() == pytest.approx(expected)
+    assert not out["terminated"].item() and not out["done"].item()
+    # clipping to the box
+    out = step(env, [6.8, -6.9], [1.0, -1.0])
+    torch.testing.assert_close(out["observation"], torch.tensor([7.0, -7.0]))
+
+
+def test_reaching_a_goal_terminates_with_bonus():
+    env = MultiGoalEnv(layout="three_goals")
+    out = step(env, [-3.5, 2.6], [-0.4, 0.3])  # lands at (-3.9, 2.9), 0.141 from (-4, 3)
+    distance2 = 0.1**2 + 0.1**2
+    assert out["reward"].item() == pytest.approx(-30 * 0.25 - distance2 + 10, abs=1e-5)
+    assert out["terminated"].item() and out["done"].item() and not out["truncated"].item()
+
+
+def test_truncation_after_max_steps_is_not_termination():
+    env = MultiGoalEnv(max_steps=30)
+    out = step(env, [0.0, 0.0], [0.0, 0.0], step_count=29)
+    assert out["truncated"].item() and out["done"].item() and not out["terminated"].item()
+    out = step(env, [0.0, 0.0], [0.0, 0.0], step_count=28)
+    assert not out["done"].item()
+
+
+def test_obstacle_cancels_crossing_moves():
+    env = MultiGoalEnv(layout="four_goals", obstacle=True)  # wall (-1.5, 3)-(1.5, 3)
+    out = step(env, [0.0, 2.5], [0.2, 1.0])
+    torch.testing.assert_close(out["observation"], torch.tensor([0.0, 2.5]))
+    out = step(env, [2.0, 2.5], [0.2, 1.0])  # passes beside the wall
+    torch.testing.assert_close(out["observation"], torch.tensor([2.2, 3.5]))
+    free = MultiGoalEnv(layout="four_goals")
+    torch.testing.assert_close(step(free, [0.0, 2.5], [0.2, 1.0])["observation"], torch.tensor([0.2, 3.5]))
+    env3 = MultiGoalEnv(layout="three_goals", obstacle=True)  # wall (-2, 0)-(0, 2)
+    torch.testing.assert_close(step(env3, [-0.5, 0.5], [-1.0, 1.0])["observation"], torch.tensor([-0.5, 0.5]))
+
+
+def test_segment_intersection():
+    a, b = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    p = torch.tensor([[0.0, 1.0], [2.0, 2.0], [0.0, 0.5]])
+    q = torch.tensor([[1.0, 0.0], [3.0, 3.0], [0.4, 0.5]])
+    assert segments_intersect(p, q, a, b).tolist() == [True, False, False]
+
+
+def test_batched_stepping_equals_single_envs():
+    torch.manual_seed(0)
+    batched = MultiGoalEnv(batch_size=(5,), obstacle=True)
+    actions = torch.rand(12, 5, 2) * 2 - 1
+    td = batched.reset()
+    batched_obs = []
+    for t in range(12):
+        td["action"] = actions[t]
+        td = batched.step_mdp(batched.step(td))
+        batched_obs.append(td["observation"])
+    single = MultiGoalEnv(obstacle=True)
+    for i in range(5):
+        td = single.reset()
+        for t in range(12):
+            td["action"] = actions[t, i]
+            td = single.step_mdp(single.step(td))
+            torch.testing.assert_close(td["observation"], batched_obs[t][i])
+
+
+def test_partial_reset_keeps_other_envs():
+    env = MultiGoalEnv(batch_size=(2,))
+    policy_actions = torch.tensor([[1.0, 0.0], [0.1, 0.1]])
+
+    def policy(td):
+        td["action"] = policy_actions
+        return td
+
+    rollout = env.rollout(8, policy, break_when_any_done=False)
+    # env 0 reaches (5, 0) after 5 steps and restarts from the origin; env 1 keeps drifting.
+    assert rollout["next", "terminated"][0, 4].item()
+    torch.testing.assert_close(rollout["observation"][0, 5], torch.zeros(2))
+    torch.testing.assert_close(rollout["observation"][1, 7], torch.tensor([0.7, 0.7]))
+
+
+def test_bad_layout():
+    with pytest.raises(ValueError, match="layout"):
+        MultiGoalEnv(layout="five_goals")
