@@ -89,7 +89,11 @@ def validate_common(cfg: DictConfig) -> None:
 
     if env.library == "gymnasium":
         need(env.name in gym.registry, f"env.name={env.name!r} is not a registered gymnasium environment.")
-    elif env.library != "multigoal":
+    elif env.library == "multigoal":
+        from torchrl_s2ac.envs import LAYOUTS
+
+        need(env.get("layout") in LAYOUTS, f"env.layout={env.get('layout')!r} must be one of {sorted(LAYOUTS)}.")
+    else:
         raise ConfigError(f"env.library={env.library!r} must be 'gymnasium' or 'multigoal'.")
     need(env.num_envs >= 1, f"env.num_envs={env.num_envs} must be >= 1.")
     need(env.max_episode_steps >= 1, f"env.max_episode_steps={env.max_episode_steps} must be >= 1.")
@@ -117,6 +121,7 @@ def validate_common(cfg: DictConfig) -> None:
     need(rb.size >= optim.batch_size, f"replay_buffer.size={rb.size} must be >= optim.batch_size.")
     need(rb.storage in ("tensor", "memmap"), f"replay_buffer.storage={rb.storage!r} must be 'tensor' or 'memmap'.")
     need(cfg.logger.backend in ("wandb", "csv", "tensorboard", None, ""), f"logger.backend={cfg.logger.backend!r} is unknown.")
+    need(not (cfg.logger.video and env.library != "gymnasium"), "logger.video=true needs a gymnasium (MuJoCo) env.")
     need(cfg.logger.eval_episodes >= 1, f"logger.eval_episodes={cfg.logger.eval_episodes} must be >= 1.")
     if cfg.resume:
         need(Path(to_absolute_path(cfg.resume)).is_file(), f"resume={cfg.resume!r}: no such checkpoint file.")
@@ -131,7 +136,7 @@ def _base_env(cfg: DictConfig, from_pixels: bool = False) -> EnvBase:
     if cfg.env.library == "multigoal":
         from torchrl_s2ac.envs import MultiGoalEnv
 
-        return MultiGoalEnv(layout=cfg.env.layout, obstacle=cfg.env.obstacle)
+        return MultiGoalEnv(layout=cfg.env.layout, obstacle=cfg.env.obstacle, max_steps=cfg.env.max_episode_steps)
     with set_gym_backend("gymnasium"):
         return GymEnv(cfg.env.name, from_pixels=from_pixels, pixels_only=False)
 
