@@ -86,8 +86,10 @@ class SoftQCritic(TensorDictModuleBase):
                 weight.uniform_(-bound, bound)
                 bias.uniform_(-bound, bound)
 
-    def ensemble_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        r""":math:`Q_k(s, a)` for every member: ``[*batch, obs], [*batch, act] -> [num_qvalue_nets, *batch]``."""
+    def _forward(
+        self, observation: torch.Tensor, action: torch.Tensor, keep_slopes: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Size]:
+        """Stacked forward pass: values ``[num_q, N, 1]``, act'(z) per hidden layer if asked, batch shape."""
         if observation.shape[-1] != self.observation_dim or action.shape[-1] != self.action_dim:
             raise ValueError(
                 f"SoftQCritic expects observation [..., {self.observation_dim}] and action [..., {self.action_dim}], "
@@ -99,12 +101,21 @@ class SoftQCritic(TensorDictModuleBase):
         batch_shape = action.shape[:-1]
         x = torch.cat([observation, action], -1).reshape(1, -1, self.observation_dim + self.action_dim)
         x = x.expand(self.num_qvalue_nets, -1, -1)
+        derivative = _ACTIVATION_DERIVATIVES.get(type(self.activation))
+        slopes = []
         last = len(self.weights) - 1
         for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias, x, weight)
-            if index < last:
-                x = self.activation(x)
-        return x.reshape(self.num_qvalue_nets, *batch_shape)
+            z = torch.baddbmm(bias, x, weight)
+            if index == last:
+                return z, slopes, batch_shape
+            x = self.activation(z)
+            if keep_slopes:
+                slopes.append(derivative(self.activation, z, x))
+
+    def ensemble_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        r""":math:`Q_k(s, a)` for every member: ``[*batch, obs], [*batch, act] -> [num_qvalue_nets, *batch]``."""
+        values, _, batch_shape = self._forward(observation, action, keep_slopes=False)
+        return values.reshape(self.num_qvalue_nets, *batch_shape)
 
     @property
     def has_explicit_action_grad(self) -> bool:
@@ -121,35 +132,21 @@ class SoftQCritic(TensorDictModuleBase):
         so it is an ordinary differentiable graph: a loss through it needs one backward,
         not a double backward. Activations with a known derivative: ELU, ReLU, Tanh.
         """
-        derivative = _ACTIVATION_DERIVATIVES.get(type(self.activation))
         if not self.has_explicit_action_grad:
             raise NotImplementedError(
                 f"SoftQCritic.values_and_action_grad: no closed-form derivative for {type(self.activation).__name__}."
             )
-        if observation.shape[:-1] != action.shape[:-1]:
-            leading = torch.broadcast_shapes(observation.shape[:-1], action.shape[:-1])
-            observation, action = observation.expand(*leading, -1), action.expand(*leading, -1)
-        batch_shape = action.shape[:-1]
-        x = torch.cat([observation, action], -1).reshape(1, -1, self.observation_dim + self.action_dim)
-        x = x.expand(self.num_qvalue_nets, -1, -1)
-        slopes = []
+        values, slopes, batch_shape = self._forward(observation, action, keep_slopes=True)
         last = len(self.weights) - 1
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            z = torch.baddbmm(bias, x, weight)
-            if index < last:
-                x = self.activation(z)
-                slopes.append(derivative(self.activation, z, x))
-            else:
-                x = z
         # Backward pass by hand: g <- (g @ W^T) * act'(z), from the output down to the input.
-        grad = self.weights[last].transpose(-1, -2).expand(-1, x.shape[1], -1)  # [num_q, N, width]
+        grad = self.weights[last].transpose(-1, -2).expand(-1, values.shape[1], -1)  # [num_q, N, width]
         for index in range(last - 1, -1, -1):
             grad = grad * slopes[index]
             weight = self.weights[index]
             if index == 0:
                 weight = weight[:, self.observation_dim :]  # only the action rows are needed
             grad = grad @ weight.transpose(-1, -2)
-        values = x.reshape(self.num_qvalue_nets, *batch_shape)
+        values = values.reshape(self.num_qvalue_nets, *batch_shape)
         return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
 
     def min_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
