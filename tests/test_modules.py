@@ -81,15 +81,25 @@ def make_actor(obs_dim=3, act_dim=2, **kwargs):
 
 @pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
 def test_actor_shapes_and_bounds(batch):
-    actor, _ = make_actor(particle_keys=["particle_action", "particle_log_prob"])
+    actor, _ = make_actor(particle_keys=["particle_action", "particle_log_prob"], return_log_prob=True)
     td = actor(TensorDict({"observation": torch.randn(*batch, 3)}, batch))
     assert td["action"].shape == (*batch, 2)
     assert td["action_log_prob"].shape == batch
     assert td["particle_action"].shape == (*batch, 6, 2)
+    assert td["particle_log_prob"].shape == (*batch, 6)
     assert ((td["particle_action"] >= -1) & (td["particle_action"] <= 2)).all()
     # The chosen action is one of the particles.
-    matches = (td["particle_action"] == td["action"].unsqueeze(-2)).all(-1).any(-1)
-    assert matches.all()
+    matches = (td["particle_action"] == td["action"].unsqueeze(-2)).all(-1)
+    assert matches.any(-1).all()
+    chosen_log_prob = td["particle_log_prob"][matches.float().argmax(-1, keepdim=True) == torch.arange(6)]
+    torch.testing.assert_close(chosen_log_prob, td["action_log_prob"].reshape(-1))
+    # Acting without the log-probability moves the particles the same way.
+    torch.manual_seed(3)
+    with_lp = actor.sample_particles(torch.ones(*batch, 3))
+    torch.manual_seed(3)
+    without = actor.sample_particles(torch.ones(*batch, 3), with_log_prob=False)
+    assert without.log_prob is None
+    torch.testing.assert_close(with_lp.action, without.action)
 
 
 def test_actor_selection_follows_exploration_type():

@@ -52,7 +52,7 @@ class SteinOutput(NamedTuple):
 
     Attributes:
         particles: final particles :math:`u^L`, ``[*batch, m, d]``.
-        log_prob: closed-form :math:`\\log q^L(u^L)`, ``[*batch, m]``.
+        log_prob: closed-form :math:`\\log q^L(u^L)`, ``[*batch, m]`` (``None`` when not tracked).
         step_ratio: invertibility diagnostic per SVGD step, ``[L]``: the largest
             (over states and particles) displacement :math:`\\epsilon\\|\\phi(u_i)\\|`
             actually taken, divided by the kernel length scale :math:`\\sqrt h`.
@@ -232,6 +232,9 @@ class SteinEntropy(nn.Module):
             )
 
     def _raise_if_not_finite(self, step: int, **tensors: torch.Tensor) -> None:
+        all_finite = torch.stack([torch.isfinite(value).all() for value in tensors.values()]).all()
+        if all_finite:  # one synchronisation in the common case
+            return
         for name, value in tensors.items():
             if not torch.isfinite(value).all():
                 raise SVGDNumericalError(
@@ -243,7 +246,7 @@ class SteinEntropy(nn.Module):
         self,
         log_density: LogDensity | None,
         particles: torch.Tensor,
-        log_q0: torch.Tensor,
+        log_q0: torch.Tensor | None,
         *,
         score_fn: ScoreFn | None = None,
     ) -> SteinOutput:
@@ -253,13 +256,18 @@ class SteinEntropy(nn.Module):
         from ``log_density`` by autograd, or given directly by ``score_fn``
         (``[*batch, m, d] -> [*batch, m, d]``), for instance in closed form, which
         avoids a double backward when a loss differentiates through the sampler.
+
+        With ``log_q0=None`` only the particles are moved (no trace, ``log_prob`` is
+        ``None``): the cheap path for acting.
         """
-        self._check_inputs(particles, log_q0)
+        track_density = log_q0 is not None
+        self._check_inputs(particles, log_q0 if track_density else particles[..., 0])
         if (log_density is None) == (score_fn is None):
             raise ValueError("SteinEntropy: pass exactly one of log_density and score_fn.")
         create_graph = torch.is_grad_enabled()
         if not create_graph:
-            particles, log_q0 = particles.detach(), log_q0.detach()
+            particles = particles.detach()
+            log_q0 = log_q0.detach() if track_density else None
         log_q, ratios = log_q0, []
         for step in range(self.num_steps):
             grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
@@ -275,16 +283,22 @@ class SteinEntropy(nn.Module):
             if self.max_step_ratio is not None:
                 shrink = (self.max_step_ratio / ratio).clamp(max=1.0)
                 step_size, ratio = step_size * shrink, ratio * shrink
-            if self.exact:
-                log_det = exact_log_det(kernel, particles, grad, step_size)
-            else:
-                log_det = step_size.unsqueeze(-1) * stein_trace(kernel, grad)
+            if track_density:
+                if self.exact:
+                    log_det = exact_log_det(kernel, particles, grad, step_size)
+                else:
+                    log_det = step_size.unsqueeze(-1) * stein_trace(kernel, grad)
+                log_q = log_q - log_det
+                if not create_graph:
+                    log_q = log_q.detach()
             particles = particles + step_size[..., None, None] * phi
-            log_q = log_q - log_det
             if not create_graph:
-                particles, log_q = particles.detach(), log_q.detach()
+                particles = particles.detach()
             if self.check_finite:
-                self._raise_if_not_finite(step, score=grad, particles=particles, log_density=log_q)
+                checked = {"score": grad, "particles": particles}
+                if track_density:
+                    checked["log_density"] = log_q
+                self._raise_if_not_finite(step, **checked)
             ratios.append(ratio.max() if ratio.numel() else ratio.new_zeros(()))
         step_ratio = torch.stack(ratios) if ratios else particles.new_zeros(0)
         if self.warn_ratio is not None and step_ratio.numel() and step_ratio.max() > self.warn_ratio:

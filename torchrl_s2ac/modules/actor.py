@@ -27,7 +27,7 @@ class ParticleSample(NamedTuple):
 
     Attributes:
         action: squashed particles :math:`a_i`, ``[*batch, m, d]``.
-        log_prob: closed-form :math:`\\log\\pi(a_i|s)`, ``[*batch, m]``.
+        log_prob: closed-form :math:`\\log\\pi(a_i|s)`, ``[*batch, m]`` (``None`` if not asked for).
         step_ratio: invertibility diagnostic per SVGD step, ``[L]``
             (see :class:`~torchrl_s2ac.SteinOutput`).
         init_scale: the :math:`q^0` standard deviation :math:`\\sigma_\\theta(s)`, ``[*batch, d]``.
@@ -86,9 +86,13 @@ class SVGDActor(TensorDictModuleBase):
             none is set (TorchRL's :class:`~torchrl.modules.ProbabilisticActor`
             assumes deterministic). Defaults to ``ExplorationType.DETERMINISTIC``.
         in_keys: defaults to ``["observation"]``.
-        out_keys: action and its log-probability. Defaults to ``["action", "action_log_prob"]``.
+        out_keys: defaults to ``["action"]``.
+        return_log_prob (bool): also write the chosen action's closed-form
+            :math:`\log\pi(a|s)` under ``log_prob_key``. Acting without it skips the
+            Stein trace (cheaper). Defaults to ``False``, like TorchRL's ``ProbabilisticActor``.
+        log_prob_key: defaults to ``"action_log_prob"``.
         particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
-            their log-probabilities ``[*batch, m]`` are written there too.
+            their log-probabilities ``[*batch, m]`` (with ``return_log_prob``) are written too.
     """
 
     def __init__(
@@ -113,7 +117,9 @@ class SVGDActor(TensorDictModuleBase):
         eval_selection: str = "max",
         default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
         in_keys: Sequence[NestedKey] = ("observation",),
-        out_keys: Sequence[NestedKey] = ("action", "action_log_prob"),
+        out_keys: Sequence[NestedKey] = ("action",),
+        return_log_prob: bool = False,
+        log_prob_key: NestedKey = "action_log_prob",
         particle_keys: Sequence[NestedKey] | None = None,
     ) -> None:
         super().__init__()
@@ -136,13 +142,16 @@ class SVGDActor(TensorDictModuleBase):
                 f"SVGDActor: critic.action_dim={critic.action_dim} does not match the action spec's "
                 f"last dim {action_spec.shape[-1]}."
             )
-        if len(in_keys) != 1 or len(out_keys) != 2:
-            raise ValueError(f"SVGDActor: expects 1 in_key and 2 out_keys, got {in_keys} and {out_keys}.")
+        if len(in_keys) != 1 or len(out_keys) != 1:
+            raise ValueError(f"SVGDActor: expects 1 in_key and 1 out_key, got {in_keys} and {out_keys}.")
         if particle_keys is not None and len(particle_keys) != 2:
             raise ValueError(f"SVGDActor: particle_keys must hold 2 keys, got {particle_keys}.")
         self.in_keys = list(in_keys)
+        self.return_log_prob, self.log_prob_key = return_log_prob, log_prob_key
         self.particle_keys = None if particle_keys is None else list(particle_keys)
-        self.out_keys = list(out_keys) + (self.particle_keys or [])
+        self.out_keys = list(out_keys) + ([log_prob_key] if return_log_prob else [])
+        if self.particle_keys is not None:
+            self.out_keys += self.particle_keys[: 2 if return_log_prob else 1]
         self.action_dim = action_spec.shape[-1]
         self.observation_dim = critic.observation_dim
         self.num_particles = num_particles
@@ -183,14 +192,18 @@ class SVGDActor(TensorDictModuleBase):
         scale = log_std.clamp(*self.log_std_bounds).exp().clamp(*self.std_bounds)
         return loc, scale
 
-    def sample_particles(self, observation: torch.Tensor) -> ParticleSample:
-        """Run the sampler for observations ``[*batch, obs]``; differentiable when grad is enabled."""
+    def sample_particles(self, observation: torch.Tensor, with_log_prob: bool = True) -> ParticleSample:
+        """Run the sampler for observations ``[*batch, obs]``; differentiable when grad is enabled.
+
+        ``with_log_prob=False`` skips the density bookkeeping (``log_prob`` is then ``None``).
+        """
         if observation.shape[-1] != self.observation_dim:
             raise ValueError(
                 f"SVGDActor expects observations shaped [..., {self.observation_dim}], got {tuple(observation.shape)}."
             )
         loc, scale = self.init_distribution(observation)
         particles, log_q0 = sample_truncated_normal(loc, scale, self.num_particles)
+        log_q0 = log_q0 if with_log_prob else None
         per_particle_obs = observation.unsqueeze(-2).expand(*particles.shape[:-1], observation.shape[-1])
         critic, squash, alpha = self.critic, self.squash, self.alpha
 
@@ -209,7 +222,7 @@ class SVGDActor(TensorDictModuleBase):
             out = self.stein.sample(None, particles, log_q0, score_fn=score_fn)
         else:
             out = self.stein.sample(log_density, particles, log_q0)
-        log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles)
+        log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles) if with_log_prob else None
         return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale)
 
     def _selection(self) -> str:
@@ -218,7 +231,7 @@ class SVGDActor(TensorDictModuleBase):
 
     def select(self, observation: torch.Tensor, sample: ParticleSample, selection: str) -> torch.Tensor:
         """Index ``[*batch]`` of the particle to act with."""
-        batch_shape = sample.log_prob.shape[:-1]
+        batch_shape = sample.action.shape[:-2]
         if selection == "random":
             # Particles are exchangeable (i.i.d. initial draws, symmetric updates).
             return torch.randint(self.num_particles, batch_shape, device=observation.device)
@@ -231,15 +244,16 @@ class SVGDActor(TensorDictModuleBase):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get(self.in_keys[0])
-        sample = self.sample_particles(observation)
+        sample = self.sample_particles(observation, with_log_prob=self.return_log_prob)
         index = self.select(observation, sample, self._selection())
         action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
-        log_prob = sample.log_prob.gather(-1, index.unsqueeze(-1))
         tensordict.set(self.out_keys[0], action.squeeze(-2))
-        tensordict.set(self.out_keys[1], log_prob.squeeze(-1))
+        if self.return_log_prob:
+            tensordict.set(self.log_prob_key, sample.log_prob.gather(-1, index.unsqueeze(-1)).squeeze(-1))
         if self.particle_keys is not None:
             tensordict.set(self.particle_keys[0], sample.action)
-            tensordict.set(self.particle_keys[1], sample.log_prob)
+            if self.return_log_prob:
+                tensordict.set(self.particle_keys[1], sample.log_prob)
         return tensordict
 
 
