@@ -102,6 +102,24 @@ def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):
     assert checkpoint_state(out)["state"]["frames"] == frames + 40
 
 
+def _can_render() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import mujoco; mujoco.GLContext(64, 64).make_current()"],
+        capture_output=True, env=dict(os.environ, MUJOCO_GL="egl"), timeout=60,
+    )
+    return probe.returncode == 0
+
+
+def test_eval_video_is_rendered_and_logged(tmp_path):
+    if not _can_render():
+        pytest.skip("MuJoCo cannot create an EGL context here (install Mesa: libegl1 libgl1-mesa-dri)")
+    out = tmp_path / "video"
+    run("s2ac", out, *TINY, *S2AC_TINY, "collector.total_frames=40", "env.max_episode_steps=15",
+        "logger.eval_episodes=1", "logger.video=true")
+    videos = list((out / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
+    assert videos and videos[0].stat().st_size > 1000
+
+
 def test_process_backend(tmp_path):
     out = tmp_path / "process"
     run("s2ac", out, *TINY, *S2AC_TINY, "collector.backend=process", "collector.num_workers=2",
