@@ -3,6 +3,7 @@ r"""The two densities around the SVGD sampler: the initial truncated normal
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,6 +11,14 @@ from torch import nn
 from torchrl.modules.distributions.truncated_normal import TruncatedStandardNormal
 
 __all__ = ["sample_truncated_normal", "TanhSquash"]
+
+
+@functools.lru_cache(maxsize=16)
+def _standard_truncated_normal(bound: float, dtype: torch.dtype, device: torch.device) -> TruncatedStandardNormal:
+    # Parameter-free, so one instance per (bound, dtype, device) serves every call.
+    return TruncatedStandardNormal(
+        torch.tensor(-bound, dtype=dtype, device=device), torch.tensor(bound, dtype=dtype, device=device)
+    )
 
 
 def sample_truncated_normal(
@@ -31,10 +40,7 @@ def sample_truncated_normal(
     """
     if loc.shape != scale.shape:
         raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}.")
-    standard = TruncatedStandardNormal(
-        torch.tensor(-bound, dtype=loc.dtype, device=loc.device),
-        torch.tensor(bound, dtype=loc.dtype, device=loc.device),
-    )
+    standard = _standard_truncated_normal(bound, loc.dtype, loc.device)
     z = standard.rsample((*loc.shape[:-1], num_samples, loc.shape[-1]))
     loc, scale = loc.unsqueeze(-2), scale.unsqueeze(-2)
     log_q0 = (standard.log_prob(z) - scale.log()).sum(-1)

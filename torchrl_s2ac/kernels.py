@@ -76,9 +76,10 @@ class RBFKernel(nn.Module):
         m = sq_dist.shape[-1]
         sq_dist = sq_dist.detach()
         if self.rule == "median":
-            off_diagonal = ~torch.eye(m, dtype=torch.bool, device=sq_dist.device)
-            pairs = sq_dist[..., off_diagonal]  # [*batch, m (m - 1)]
-            h = pairs.median(dim=-1).values / (2 * math.log(m + 1))
+            # Lower median of the m (m - 1) off-diagonal entries: the diagonal holds the m
+            # smallest values (zeros), so it is the (m + (m (m - 1) - 1) // 2 + 1)-th smallest overall.
+            rank = m + (m * (m - 1) - 1) // 2 + 1
+            h = sq_dist.flatten(-2).kthvalue(rank, dim=-1).values / (2 * math.log(m + 1))
         else:
             h = sq_dist.mean(dim=(-2, -1)) / 2 / (2 * math.log(m + 1))
         return h.clamp_min(self.min_bandwidth).reshape(*batch_shape, 1, 1)
