@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -296,6 +297,25 @@ def load_checkpoint(path: Path, agent: Agent, replay_buffer) -> dict:
 # ---------------------------------------------------------------------------
 
 
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current batch.
+
+    A second Ctrl-C interrupts at once (the default handler is back).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, EnvBase], Agent]) -> dict:
     """Collect, store, update, evaluate, log and checkpoint until ``collector.total_frames``."""
     torch.manual_seed(cfg.env.seed)
@@ -347,9 +367,11 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         """Log to the TorchRL logger and append to metrics.jsonl (read by compare.py)."""
         if logger is not None:
             logger.log_metrics(metrics, step=state["frames"])
-        metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed_before + time.perf_counter() - session_start, **metrics}) + "\n")
+        elapsed = elapsed_before + time.perf_counter() - session_start
+        metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed, **metrics}) + "\n")
         metrics_file.flush()
 
+    stop = StopRequest()
     try:
         for data in collector:
             with timeit("rb_extend"):
@@ -388,12 +410,11 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
             if state["frames"] >= state["next_checkpoint"]:
                 checkpoint()
                 state["next_checkpoint"] += cfg.checkpoint.every_frames
-    except KeyboardInterrupt:
-        checkpoint()
-        message = f"Interrupted at {state['frames']} frames; resume with resume={checkpoint_path}"
-        tqdm.tqdm.write(message, file=sys.stderr)
-        raise SystemExit(130) from None
+            if stop.requested:  # only between batches: buffer, counters and weights agree
+                checkpoint()
+                break
     finally:
+        stop.restore()
         progress.close()
         if collector:
             collector.shutdown()
@@ -401,6 +422,16 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
             # (it starts a queue thread during finalisation); stop it while the interpreter is alive.
             for scheme in (getattr(collector, "_weight_sync_schemes", None) or {}).values():
                 scheme.shutdown()
+    if stop.requested:
+        metrics_file.close()
+        if logger is not None and cfg.logger.backend == "wandb":
+            import wandb
+
+            wandb.finish()
+        tqdm.tqdm.write(
+            f"Interrupted at {state['frames']} frames; resume with resume={checkpoint_path}", file=sys.stderr
+        )
+        raise SystemExit(130)
     final = evaluate(cfg, eval_env, agent.policy)
     record({**final, "final": 1})
     metrics_file.close()

@@ -51,6 +51,14 @@ def checkpoint_state(out):
     return torch.load(Path(out) / "checkpoints" / "last.pt", weights_only=False)
 
 
+def buffer_length(state):
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(1000))
+    buffer.loads(state["buffer_dir"])
+    return len(buffer)
+
+
 @pytest.mark.parametrize("script,extra", [("s2ac", S2AC_TINY), ("sac", SAC_TINY)])
 def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     out = tmp_path / script
@@ -70,11 +78,7 @@ def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     state = checkpoint_state(out)
     assert state["state"]["frames"] == 200
     assert state["state"]["updates"] > 0
-    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
-
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(1000))
-    buffer.loads(state["buffer_dir"])
-    assert len(buffer) == 200
+    assert buffer_length(state) == 200
     assert metrics(out)[-1]["frames"] == 200
 
 
@@ -95,11 +99,14 @@ def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert "Interrupted at" in stderr
-    state = checkpoint_state(out)["state"]
-    assert 0 < state["frames"] < 100000
-    frames = state["frames"]
+    assert proc.returncode == 130
+    checkpoint = checkpoint_state(out)
+    frames = checkpoint["state"]["frames"]
+    assert 0 < frames < 100000
+    assert buffer_length(checkpoint) == frames  # stopped between batches: nothing half-stored
     run("s2ac", out, *TINY, *S2AC_TINY, f"collector.total_frames={frames + 40}", f"resume={out}/checkpoints/last.pt")
-    assert checkpoint_state(out)["state"]["frames"] == frames + 40
+    checkpoint = checkpoint_state(out)
+    assert checkpoint["state"]["frames"] == frames + 40 and buffer_length(checkpoint) == frames + 40
 
 
 def _can_render() -> bool:
