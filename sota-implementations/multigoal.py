@@ -61,6 +61,8 @@ def train(args, algorithm, seed) -> subprocess.Popen | None:
         return None
     overrides = [*COMMON, *PRESETS[algorithm], f"env.layout={args.layout}", f"env.seed={seed}",
                  f"collector.total_frames={args.frames}", f"hydra.run.dir={directory}", *args.overrides]
+    if algorithm == "s2ac":
+        overrides += args.s2ac
     log = open(directory.parent / f"{directory.name}.log", "a")
     return subprocess.Popen([sys.executable, str(HERE / f"{algorithm}.py"), *overrides], stdout=log, stderr=log)
 
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--out", type=Path, default=Path("results/multigoal"))
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--s2ac", nargs="*", default=[], help="hydra overrides for s2ac.py only")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for both scripts")
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -135,7 +138,8 @@ def main() -> None:
     wall = OBSTACLES[args.layout]
     report = [f"# Multi-goal ({args.layout}), {args.frames} frames per run", "",
               f"Command: `python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
-              f"--seeds {' '.join(map(str, args.seeds))}`", "",
+              f"--seeds {' '.join(map(str, args.seeds))}"
+              + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "") + "`", "",
               "| algorithm | seed | obstacle | distinct goals | hit fraction per goal | mean return | "
               "entropy at probe states " + str(PROBE_STATES) + " |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
