@@ -11,6 +11,7 @@ wall-clock time per run) into ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 ALGORITHMS = ("s2ac", "sac")
 
 
@@ -111,11 +114,7 @@ def main() -> None:
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
-        for seed in args.seeds:
-            procs = [p for p in (launch(args, a, seed) for a in ALGORITHMS) if p is not None]
-            codes = [p.wait() for p in procs]
-            if any(codes):
-                raise SystemExit(f"a training run failed (exit codes {codes}); see {args.out / 'runs'}/*.log")
+        harness.train_side_by_side(functools.partial(launch, args), ALGORITHMS, args.seeds, args.out / "runs")
     plot_and_tabulate(args)
 
 

@@ -444,6 +444,19 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     return {"frames": state["frames"], "updates": state["updates"], **final, "checkpoint": str(checkpoint_path)}
 
 
+def train_side_by_side(launch: Callable, algorithms, seeds, log_dir: Path) -> None:
+    """Run the algorithms' trainings concurrently, seed after seed (used by compare.py and multigoal.py).
+
+    ``launch(algorithm, seed)`` starts one run and returns its ``subprocess.Popen``, or ``None`` when
+    that run already finished.
+    """
+    for seed in seeds:
+        procs = [p for p in (launch(algorithm, seed) for algorithm in algorithms) if p is not None]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise SystemExit(f"a training run failed (exit codes {codes}); see {log_dir}/*.log")
+
+
 ACTIVATIONS = {"elu": torch.nn.ELU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}
 
 

@@ -16,6 +16,7 @@ with and without the layout's obstacle, and writes:
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -129,10 +130,7 @@ def main() -> None:
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
-        for seed in args.seeds:
-            procs = [p for p in (train(args, a, seed) for a in ALGORITHMS) if p is not None]
-            if any(p.wait() for p in procs):
-                raise SystemExit(f"a training run failed; see {args.out / 'runs'}/*.log")
+        harness.train_side_by_side(functools.partial(train, args), ALGORITHMS, args.seeds, args.out / "runs")
 
     goals = LAYOUTS[args.layout]
     wall = OBSTACLES[args.layout]
