@@ -8,6 +8,7 @@ measured interleaved, and their ratio; acting rates; peak memory; how update
 time scales with m, L and batch. Every figure is the median over repetitions
 after warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
 
 def s2ac_agent(obs_dim, act_dim, m=10, steps=3):
     critic = SoftQCritic(obs_dim, act_dim)
-    actor = SVGDActor(Bounded(-1.0, 1.0, (act_dim,)), critic, num_particles=m, num_steps=steps,
-                      max_step_ratio=0.5, warn_ratio=None)
+    actor = SVGDActor(
+        Bounded(-1.0, 1.0, (act_dim,)), critic, num_particles=m, num_steps=steps, max_step_ratio=0.5, warn_ratio=None
+    )
     loss = S2ACLoss(actor)
     loss.make_value_estimator(gamma=0.99)
     return actor, loss
@@ -93,14 +95,21 @@ def s2ac_agent(obs_dim, act_dim, m=10, steps=3):
 def sac_agent(obs_dim, act_dim):
     actor = ProbabilisticActor(
         TensorDictModule(
-            nn.Sequential(MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[256, 256],
-                              activation_class=nn.ELU), NormalParamExtractor()),
-            in_keys=["observation"], out_keys=["loc", "scale"],
+            nn.Sequential(
+                MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[256, 256], activation_class=nn.ELU),
+                NormalParamExtractor(),
+            ),
+            in_keys=["observation"],
+            out_keys=["loc", "scale"],
         ),
-        in_keys=["loc", "scale"], spec=Bounded(-1.0, 1.0, (act_dim,)), distribution_class=TanhNormal,
+        in_keys=["loc", "scale"],
+        spec=Bounded(-1.0, 1.0, (act_dim,)),
+        distribution_class=TanhNormal,
     )
-    critic = ValueOperator(MLP(in_features=obs_dim + act_dim, out_features=1, num_cells=[256, 256],
-                               activation_class=nn.ELU), in_keys=["observation", "action"])
+    critic = ValueOperator(
+        MLP(in_features=obs_dim + act_dim, out_features=1, num_cells=[256, 256], activation_class=nn.ELU),
+        in_keys=["observation", "action"],
+    )
     loss = SACLoss(actor, critic, num_qvalue_nets=2, fixed_alpha=True, alpha_init=0.2)
     loss.make_value_estimator(gamma=0.99)
     return actor, loss
@@ -181,7 +190,10 @@ def main() -> None:
     for name, (obs_dim, act_dim) in SHAPES.items():
         data = transitions(100, obs_dim, act_dim)
         times = interleaved_ms(
-            {"s2ac": update_fn(s2ac_agent(obs_dim, act_dim)[1], data), "sac": update_fn(sac_agent(obs_dim, act_dim)[1], data)},
+            {
+                "s2ac": update_fn(s2ac_agent(obs_dim, act_dim)[1], data),
+                "sac": update_fn(sac_agent(obs_dim, act_dim)[1], data),
+            },
             repeats,
         )
         lines.append(
@@ -193,8 +205,13 @@ def main() -> None:
     obs_dim, act_dim = SHAPES["Hopper-v5"]
     s2ac_actor, _ = s2ac_agent(obs_dim, act_dim)
     sac_actor, _ = sac_agent(obs_dim, act_dim)
-    lines += ["", "## Acting (Hopper-v5 shapes), actions per second", "",
-              "| policy | selection | 1 env | 8 envs |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Acting (Hopper-v5 shapes), actions per second",
+        "",
+        "| policy | selection | 1 env | 8 envs |",
+        "| --- | --- | --- | --- |",
+    ]
     for label, actor, exploration in (
         ("S2AC", s2ac_actor, ExplorationType.RANDOM),
         ("S2AC", s2ac_actor, ExplorationType.DETERMINISTIC),
@@ -202,16 +219,24 @@ def main() -> None:
     ):
         with set_exploration_type(exploration):
             rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n), repeats * 5) for n in (1, 8)]
-        selection = {ExplorationType.RANDOM: "training (random particle / sample)",
-                     ExplorationType.DETERMINISTIC: "evaluation (argmax Q)"}[exploration]
+        selection = {
+            ExplorationType.RANDOM: "training (random particle / sample)",
+            ExplorationType.DETERMINISTIC: "evaluation (argmax Q)",
+        }[exploration]
         lines.append(f"| {label} | {selection} | {rates[0]:.0f} | {rates[1]:.0f} |")
 
     # Scaling, one factor at a time around (m, L, batch) = (10, 3, 100).
     grid = {"m": (5, 10, 20, 40), "L": (1, 3, 5, 10), "batch": (100, 256, 1024)}
     if args.quick:
         grid = {"m": (5, 10, 20), "L": (1, 3), "batch": (100, 256)}
-    lines += ["", "## Scaling of the S2AC update (Hopper-v5 shapes), one factor varied", "",
-              "| factor | value | ms / update | relative to default |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Scaling of the S2AC update (Hopper-v5 shapes), one factor varied",
+        "",
+        "| factor | value | ms / update | relative to default |",
+        "| --- | --- | --- | --- |",
+    ]
+
     def update_ms(m, steps, batch):
         data = transitions(batch, obs_dim, act_dim)
         return median_ms(update_fn(s2ac_agent(obs_dim, act_dim, m, steps)[1], data), max(3, repeats // 3))

@@ -1,4 +1,5 @@
 """Sphinx configuration for torchrl_s2ac."""
+
 import os
 import sys
 

@@ -8,6 +8,7 @@ already finished in ``--out`` are reused (``--plot-only`` skips training).
 Writes ``curves.png`` and ``results.md`` (final evaluation return and
 wall-clock time per run) into ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
+
 ALGORITHMS = ("s2ac", "sac")
 
 
@@ -77,8 +79,16 @@ def plot_and_tabulate(args) -> None:
                 axes[1].plot(*zip(*train), color=color, alpha=0.8, label=label)
             final = [r for r in records if r.get("final")]
             if final:
-                rows.append((algorithm.upper(), seed, final[-1]["frames"], final[-1]["eval/return"],
-                             final[-1].get("eval/return_std", float("nan")), final[-1]["elapsed_s"] / 60))
+                rows.append(
+                    (
+                        algorithm.upper(),
+                        seed,
+                        final[-1]["frames"],
+                        final[-1]["eval/return"],
+                        final[-1].get("eval/return_std", float("nan")),
+                        final[-1]["elapsed_s"] / 60,
+                    )
+                )
     for ax, title in zip(axes, ("evaluation return (deterministic selection)", "training episode return")):
         ax.set_title(f"{args.env}: {title}")
         ax.set_xlabel("environment frames")
@@ -94,7 +104,9 @@ def plot_and_tabulate(args) -> None:
     for algorithm in ALGORITHMS:
         finals = [r[3] for r in rows if r[0] == algorithm.upper()]
         if len(finals) > 1:
-            lines.append(f"| {algorithm.upper()} mean over seeds | | | {np.mean(finals):.1f} ± {np.std(finals):.1f} | |")
+            lines.append(
+                f"| {algorithm.upper()} mean over seeds | | | {np.mean(finals):.1f} ± {np.std(finals):.1f} | |"
+            )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

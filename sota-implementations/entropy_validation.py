@@ -12,6 +12,7 @@
 
 Writes results.md, sensitivity.csv, mixtures.csv and PNG plots to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,14 @@ def main() -> None:
     log_p = gaussian_log_density(GAUSS_MEAN, GAUSS_COV)
     steps = 100 if args.quick else 300
     fig, ax = plt.subplots(figsize=(6, 4))
-    report += [f"## 1. 2-D Gaussian target (true entropy {truth:.3f} nats)", "",
-               "m = 200, fixed sigma = 3, step 0.5.", "", "| initial | estimate after %d steps |" % steps, "| --- | --- |"]
+    report += [
+        f"## 1. 2-D Gaussian target (true entropy {truth:.3f} nats)",
+        "",
+        "m = 200, fixed sigma = 3, step 0.5.",
+        "",
+        "| initial | estimate after %d steps |" % steps,
+        "| --- | --- |",
+    ]
     for label, mean, var in (("N(0, 6 I)", 0.0, 6.0), ("N(4, 0.2 I)", 4.0, 0.2)):
         u0, lq0 = initial(200, 2, mean, var, args.seeds)
         curve = stein_curve(log_p, u0, lq0, 3.0, 0.5, steps)
@@ -131,16 +138,22 @@ def main() -> None:
             rows.append((sigma, m, num_steps, stein_curve(log_p, u0, lq0, sigma, 0.5, num_steps)[-1]))
     with (args.out / "sensitivity.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("sigma", "m", "L", "estimate", "truth"), *[(*r, truth) for r in rows]])
-    report += ["", "## 2. Sensitivity (step size 0.5, initial N(0, 6 I), mean over seeds)", "",
-               "| sigma | " + " | ".join(f"m={m}, L={L}" for m, L in settings) + " |",
-               "| --- |" + " --- |" * len(settings)]
+    report += [
+        "",
+        "## 2. Sensitivity (step size 0.5, initial N(0, 6 I), mean over seeds)",
+        "",
+        "| sigma | " + " | ".join(f"m={m}, L={L}" for m, L in settings) + " |",
+        "| --- |" + " --- |" * len(settings),
+    ]
     for sigma in sigmas:
         values = [r[3] for r in rows if r[0] == sigma]
         report.append(f"| {sigma} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     report.append(f"\nTrue entropy: {truth:.3f}.")
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, num_steps in settings:
-        ax.plot(sigmas, [r[3] for r in rows if r[1] == m and r[2] == num_steps], marker="o", label=f"m={m}, L={num_steps}")
+        ax.plot(
+            sigmas, [r[3] for r in rows if r[1] == m and r[2] == num_steps], marker="o", label=f"m={m}, L={num_steps}"
+        )
     ax.axhline(truth, color="k", ls="--", label="true entropy")
     ax.set_xscale("log")
     ax.set_xlabel("kernel sigma")
@@ -163,8 +176,13 @@ def main() -> None:
                 mix_rows.append((dim, k, "median" if sigma is None else sigma, true_h, estimate))
     with (args.out / "mixtures.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("d", "components", "sigma", "truth", "estimate"), *mix_rows])
-    report += ["", "## 3. Gaussian mixtures (m = 200, L = 200, step 0.5, initial N(0, 6 I))", "",
-               "| d | components | kernel sigma | true entropy (MC) | estimate | error |", "| --- | --- | --- | --- | --- | --- |"]
+    report += [
+        "",
+        "## 3. Gaussian mixtures (m = 200, L = 200, step 0.5, initial N(0, 6 I))",
+        "",
+        "| d | components | kernel sigma | true entropy (MC) | estimate | error |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     report += [f"| {d} | {k} | {s} | {t:.2f} | {e:.2f} | {e - t:+.2f} |" for d, k, s, t, e in mix_rows]
 
     # 4. Langevin contrast.
@@ -181,8 +199,12 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out / "langevin.png", dpi=120)
     plt.close(fig)
-    report += ["", "## 4. Langevin contrast (step 0.05)", "",
-               f"After {steps} steps: SVGD {svgd[-1]:.3f}, Langevin {langevin[-1]:.3f}, truth {truth:.3f}."]
+    report += [
+        "",
+        "## 4. Langevin contrast (step 0.05)",
+        "",
+        f"After {steps} steps: SVGD {svgd[-1]:.3f}, Langevin {langevin[-1]:.3f}, truth {truth:.3f}.",
+    ]
     (args.out / "results.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
 

@@ -5,12 +5,12 @@ A script supplies one function, ``make_agent(cfg, train_env) -> Agent``; the
 loop below is the same for every algorithm, so that runs differ only in the
 loss and the actor.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import math
 import os
 import random
 import signal
@@ -116,12 +116,18 @@ def validate_common(cfg: DictConfig) -> None:
     need(optim.batch_size >= 1, f"optim.batch_size={optim.batch_size} must be >= 1.")
     need(optim.utd_ratio > 0, f"optim.utd_ratio={optim.utd_ratio} must be > 0.")
     need(0 < optim.gamma <= 1, f"optim.gamma={optim.gamma} must be in (0, 1].")
-    need(0 <= optim.target_update_polyak < 1, f"optim.target_update_polyak={optim.target_update_polyak} must be in [0, 1).")
+    need(
+        0 <= optim.target_update_polyak < 1,
+        f"optim.target_update_polyak={optim.target_update_polyak} must be in [0, 1).",
+    )
     for name in ("lr_actor", "lr_critic", "lr_alpha"):
         need(optim[name] > 0, f"optim.{name}={optim[name]} must be > 0.")
     need(rb.size >= optim.batch_size, f"replay_buffer.size={rb.size} must be >= optim.batch_size.")
     need(rb.storage in ("tensor", "memmap"), f"replay_buffer.storage={rb.storage!r} must be 'tensor' or 'memmap'.")
-    need(cfg.logger.backend in ("wandb", "csv", "tensorboard", None, ""), f"logger.backend={cfg.logger.backend!r} is unknown.")
+    need(
+        cfg.logger.backend in ("wandb", "csv", "tensorboard", None, ""),
+        f"logger.backend={cfg.logger.backend!r} is unknown.",
+    )
     need(not (cfg.logger.video and env.library != "gymnasium"), "logger.video=true needs a gymnasium (MuJoCo) env.")
     need(cfg.logger.eval_episodes >= 1, f"logger.eval_episodes={cfg.logger.eval_episodes} must be >= 1.")
     if cfg.resume:
@@ -207,14 +213,13 @@ def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
         "resume": "allow",
         "dir": os.getcwd(),
     }
-    return get_logger(
-        cfg.logger.backend, logger_name=os.getcwd(), experiment_name=name, wandb_kwargs=wandb_kwargs
-    )
+    return get_logger(cfg.logger.backend, logger_name=os.getcwd(), experiment_name=name, wandb_kwargs=wandb_kwargs)
 
 
 def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optimizer]:
     """Adam on the actor, the critic and (when learned) the temperature."""
     optim = cfg.optim
+
     def trainable(params):
         return [p for p in params.values(True, True) if p.requires_grad]
 
@@ -239,7 +244,10 @@ def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
     done = rollout.get(("next", "done")).squeeze(-1)
     before_first_done = (done.int().cumsum(-1) - done.int()) == 0
     returns = (reward * before_first_done).sum(-1)
-    metrics = {"eval/return": returns.mean().item(), "eval/return_std": returns.std().item() if returns.numel() > 1 else 0.0}
+    metrics = {
+        "eval/return": returns.mean().item(),
+        "eval/return_std": returns.std().item() if returns.numel() > 1 else 0.0,
+    }
     if cfg.logger.video:
         eval_env.transform.dump()
     return metrics
@@ -326,7 +334,14 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
     agent = make_agent(cfg, env_specs(cfg))
     replay_buffer = make_replay_buffer(cfg)
-    state = {"frames": 0, "updates": 0, "elapsed": 0.0, "run_id": None, "next_eval": 0, "next_checkpoint": cfg.checkpoint.every_frames}
+    state = {
+        "frames": 0,
+        "updates": 0,
+        "elapsed": 0.0,
+        "run_id": None,
+        "next_eval": 0,
+        "next_checkpoint": cfg.checkpoint.every_frames,
+    }
     if cfg.resume:
         state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
     logger = make_logger(cfg, algorithm, state["run_id"])
@@ -346,9 +361,11 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         return loss_td.detach()
 
     remaining = cfg.collector.total_frames - state["frames"]
-    collector = make_collector(
-        cfg, agent.policy, remaining, max(0, cfg.collector.init_random_frames - state["frames"])
-    ) if remaining > 0 else []
+    collector = (
+        make_collector(cfg, agent.policy, remaining, max(0, cfg.collector.init_random_frames - state["frames"]))
+        if remaining > 0
+        else []
+    )
     eval_env = make_eval_env(cfg, logger)
     checkpoint_path = Path(cfg.checkpoint.dir).absolute() / "last.pt"
     progress = tqdm.tqdm(total=cfg.collector.total_frames, initial=state["frames"], desc=algorithm, dynamic_ncols=True)

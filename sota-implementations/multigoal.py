@@ -13,6 +13,7 @@ with and without the layout's obstacle, and writes:
 - ``landscape.png``: min_k Q(s, .) over the action square at the probe states,
   with the policy's samples on top.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ from torchrl_s2ac.envs import LAYOUTS, OBSTACLES, PROBE_STATES, MultiGoalEnv  # 
 ALGORITHMS = {"s2ac": s2ac, "sac": sac}
 # Settings for the 2-D task: shorter warm-up, smaller nets; S2AC with L = 10 as in the release.
 COMMON = [
-    "env=multigoal", "collector.init_random_frames=1000", "collector.learning_starts=500",
-    "logger.eval_every_frames=1000", "logger.eval_episodes=10", "network.critic_cells=[128,128]",
-    "env.num_envs=2", "num_threads=1",
+    "env=multigoal",
+    "collector.init_random_frames=1000",
+    "collector.learning_starts=500",
+    "logger.eval_every_frames=1000",
+    "logger.eval_episodes=10",
+    "network.critic_cells=[128,128]",
+    "env.num_envs=2",
+    "num_threads=1",
 ]
 PRESETS = {
     "s2ac": ["s2ac.num_steps=10", "network.init_cells=[128,128]"],
@@ -60,8 +66,15 @@ def train(args, algorithm, seed) -> subprocess.Popen | None:
     directory = run_dir(args.out, algorithm, args.layout, seed)
     if (directory / "checkpoints" / "last.pt").exists() and '"final"' in (directory / "metrics.jsonl").read_text():
         return None
-    overrides = [*COMMON, *PRESETS[algorithm], f"env.layout={args.layout}", f"env.seed={seed}",
-                 f"collector.total_frames={args.frames}", f"hydra.run.dir={directory}", *args.overrides]
+    overrides = [
+        *COMMON,
+        *PRESETS[algorithm],
+        f"env.layout={args.layout}",
+        f"env.seed={seed}",
+        f"collector.total_frames={args.frames}",
+        f"hydra.run.dir={directory}",
+        *args.overrides,
+    ]
     if algorithm == "s2ac":
         overrides += args.s2ac
     log = open(directory.parent / f"{directory.name}.log", "a")
@@ -134,16 +147,20 @@ def main() -> None:
 
     goals = LAYOUTS[args.layout]
     wall = OBSTACLES[args.layout]
-    report = [f"# Multi-goal ({args.layout}), {args.frames} frames per run", "",
-              f"Command: `python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
-              f"--seeds {' '.join(map(str, args.seeds))}"
-              + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "") + "`", "",
-              "| algorithm | seed | obstacle | distinct goals | hit fraction per goal | mean return | "
-              "entropy at probe states " + str(PROBE_STATES) + " |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    report = [
+        f"# Multi-goal ({args.layout}), {args.frames} frames per run",
+        "",
+        f"Command: `python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
+        f"--seeds {' '.join(map(str, args.seeds))}" + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "") + "`",
+        "",
+        "| algorithm | seed | obstacle | distinct goals | hit fraction per goal | mean return | "
+        "entropy at probe states " + str(PROBE_STATES) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     fig, axes = plt.subplots(2, 2 * len(args.seeds), figsize=(5 * 2 * len(args.seeds), 10), squeeze=False)
-    land_fig, land_axes = plt.subplots(2 * len(args.seeds), len(PROBE_STATES),
-                                       figsize=(3 * len(PROBE_STATES), 6 * len(args.seeds)), squeeze=False)
+    land_fig, land_axes = plt.subplots(
+        2 * len(args.seeds), len(PROBE_STATES), figsize=(3 * len(PROBE_STATES), 6 * len(args.seeds)), squeeze=False
+    )
     grid = torch.linspace(-1, 1, 61)
     for column, (seed, algorithm) in enumerate((s, a) for s in args.seeds for a in ALGORITHMS):
         _, agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)

@@ -6,6 +6,7 @@ The actor samples exp(Q/alpha) with SVGD from a learned Gaussian q0; the loss
 uses the closed-form Stein log-density. Envs, collector, replay buffer,
 logging and checkpoints come from the shared harness (harness.py).
 """
+
 from __future__ import annotations
 
 import hydra

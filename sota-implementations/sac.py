@@ -1,7 +1,8 @@
 """SAC baseline in the same harness as s2ac.py (TorchRL's SACLoss, tanh-Gaussian actor).
 
-    python sota-implementations/sac.py env=hopper collector.total_frames=100000
+python sota-implementations/sac.py env=hopper collector.total_frames=100000
 """
+
 from __future__ import annotations
 
 import hydra
@@ -26,8 +27,12 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
     action_spec = env.action_spec
     action_dim = action_spec.shape[-1]
     actor_net = nn.Sequential(
-        MLP(in_features=obs_dim, out_features=2 * action_dim, num_cells=net.actor_cells,
-            activation_class=harness.activation(cfg)),
+        MLP(
+            in_features=obs_dim,
+            out_features=2 * action_dim,
+            num_cells=net.actor_cells,
+            activation_class=harness.activation(cfg),
+        ),
         NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4),
     )
     actor = ProbabilisticActor(
@@ -39,8 +44,12 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         return_log_prob=False,
     )
     critic = ValueOperator(
-        MLP(in_features=obs_dim + action_dim, out_features=1, num_cells=net.critic_cells,
-            activation_class=harness.activation(cfg)),
+        MLP(
+            in_features=obs_dim + action_dim,
+            out_features=1,
+            num_cells=net.critic_cells,
+            activation_class=harness.activation(cfg),
+        ),
         in_keys=["observation", "action"],
     )
     loss = SACLoss(

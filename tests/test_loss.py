@@ -1,4 +1,5 @@
 """S2ACLoss against a hand-written reference, gradient isolation, keys, reductions."""
+
 import math
 
 import pytest
@@ -18,8 +19,15 @@ def build(dtype=DT, **loss_kwargs):
     spec = Bounded(-torch.ones(ACT), torch.ones(ACT), (ACT,))
     critic = SoftQCritic(OBS, ACT, num_cells=(16, 16), num_qvalue_nets=2)
     actor = SVGDActor(
-        spec, critic, num_particles=M, num_steps=L, step_size=0.1, kernel=RBFKernel(rule="median"),
-        alpha=0.3, num_cells=(16,), warn_ratio=None,  # random tiny critics take large steps
+        spec,
+        critic,
+        num_particles=M,
+        num_steps=L,
+        step_size=0.1,
+        kernel=RBFKernel(rule="median"),
+        alpha=0.3,
+        num_cells=(16,),
+        warn_ratio=None,  # random tiny critics take large steps
     )
     actor.to(dtype), critic.to(dtype)
     loss = S2ACLoss(actor, **loss_kwargs)
@@ -75,8 +83,14 @@ def ref_policy(actor, critic, params, obs, alpha):
         return ref_q(critic, params, obs, torch.tanh(x)).min() / alpha
 
     for _ in range(L):
-        scores = torch.stack([torch.autograd.grad(log_p(u[i]), u, create_graph=True)[0][i] if u.requires_grad
-                              else torch.autograd.grad(log_p(u[i].requires_grad_()), u[i])[0] for i in range(M)])
+        scores = torch.stack(
+            [
+                torch.autograd.grad(log_p(u[i]), u, create_graph=True)[0][i]
+                if u.requires_grad
+                else torch.autograd.grad(log_p(u[i].requires_grad_()), u[i])[0]
+                for i in range(M)
+            ]
+        )
         sq = torch.stack([torch.stack([(u[i] - u[j]).square().sum() for j in range(M)]) for i in range(M)])
         off = torch.stack([sq[i, j] for i in range(M) for j in range(M) if i < j]).detach()
         h = off.sort().values[(off.numel() - 1) // 2] / (2 * math.log(M + 1))
@@ -109,7 +123,7 @@ def test_loss_values_and_actor_gradient_match_reference():
     # Critic target: particles at s' with the same draws (the loss samples s' first).
     targets = []
     next_obs = td["next", "observation"]
-    states = [ref_policy(actor, critic, params, next_obs[b:b + 1].squeeze(0), alpha) for b in range(5)]
+    states = [ref_policy(actor, critic, params, next_obs[b : b + 1].squeeze(0), alpha) for b in range(5)]
     for b, (a_next, log_pi_next) in enumerate(states):
         q_next = torch.stack([ref_q(critic, params, next_obs[b], a).min() for a in a_next])
         soft_value = q_next.mean() - alpha * log_pi_next.mean()
@@ -249,8 +263,12 @@ def test_keyword_dispatch():
     loss, _, _ = build()
     td = batch()
     out = loss(
-        observation=td["observation"], action=td["action"], next_observation=td["next", "observation"],
-        next_reward=td["next", "reward"], next_done=td["next", "done"], next_terminated=td["next", "terminated"],
+        observation=td["observation"],
+        action=td["action"],
+        next_observation=td["next", "observation"],
+        next_reward=td["next", "reward"],
+        next_done=td["next", "done"],
+        next_terminated=td["next", "terminated"],
     )
     assert len(out) == len(loss.out_keys)
 

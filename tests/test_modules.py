@@ -1,4 +1,5 @@
 """SoftQCritic and SVGDActor: math, TensorDict interface, TorchRL collectors."""
+
 import math
 
 import pytest

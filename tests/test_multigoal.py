@@ -1,4 +1,5 @@
 """MultiGoalEnv: hand-computed steps, batching, obstacles, specs."""
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -126,15 +127,30 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "multigoal"
     overrides = [
-        "env=multigoal", "env.num_envs=2", "collector.total_frames=2000", "collector.frames_per_batch=20",
-        "collector.init_random_frames=300", "collector.learning_starts=300", "optim.batch_size=64",
-        "network.critic_cells=[64,64]", "network.init_cells=[64,64]", "s2ac.num_particles=8", "s2ac.num_steps=5",
-        "logger.eval_every_frames=100000", "logger.eval_episodes=20", "logger.backend=csv", "num_threads=1",
-        "replay_buffer.size=10000", f"hydra.run.dir={out}",
+        "env=multigoal",
+        "env.num_envs=2",
+        "collector.total_frames=2000",
+        "collector.frames_per_batch=20",
+        "collector.init_random_frames=300",
+        "collector.learning_starts=300",
+        "optim.batch_size=64",
+        "network.critic_cells=[64,64]",
+        "network.init_cells=[64,64]",
+        "s2ac.num_particles=8",
+        "s2ac.num_steps=5",
+        "logger.eval_every_frames=100000",
+        "logger.eval_episodes=20",
+        "logger.backend=csv",
+        "num_threads=1",
+        "replay_buffer.size=10000",
+        f"hydra.run.dir={out}",
     ]
     result = subprocess.run(
         [sys.executable, str(root / "sota-implementations" / "s2ac.py"), *overrides],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]

@@ -1,4 +1,5 @@
 """The training scripts end to end on a real MuJoCo env, with offline W&B, checkpoints and resume."""
+
 import json
 import os
 import signal
@@ -36,7 +37,10 @@ def run(script, out, *overrides, timeout=300, check=True):
     env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / f"{script}.py"), f"hydra.run.dir={out}", *overrides],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -86,9 +90,19 @@ def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):
     out = tmp_path / "interrupted"
     env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "s2ac.py"), f"hydra.run.dir={out}", *TINY, *S2AC_TINY,
-         "collector.total_frames=100000", "checkpoint.every_frames=100000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+        [
+            sys.executable,
+            str(SCRIPTS / "s2ac.py"),
+            f"hydra.run.dir={out}",
+            *TINY,
+            *S2AC_TINY,
+            "collector.total_frames=100000",
+            "checkpoint.every_frames=100000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -112,7 +126,9 @@ def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):
 def _can_render() -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", "import mujoco; mujoco.GLContext(64, 64).make_current()"],
-        capture_output=True, env=dict(os.environ, MUJOCO_GL="egl"), timeout=60,
+        capture_output=True,
+        env=dict(os.environ, MUJOCO_GL="egl"),
+        timeout=60,
     )
     return probe.returncode == 0
 
@@ -121,16 +137,32 @@ def test_eval_video_is_rendered_and_logged(tmp_path):
     if not _can_render():
         pytest.skip("MuJoCo cannot create an EGL context here (install Mesa: libegl1 libgl1-mesa-dri)")
     out = tmp_path / "video"
-    run("s2ac", out, *TINY, *S2AC_TINY, "collector.total_frames=40", "env.max_episode_steps=15",
-        "logger.eval_episodes=1", "logger.video=true")
+    run(
+        "s2ac",
+        out,
+        *TINY,
+        *S2AC_TINY,
+        "collector.total_frames=40",
+        "env.max_episode_steps=15",
+        "logger.eval_episodes=1",
+        "logger.video=true",
+    )
     videos = list((out / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
     assert videos and videos[0].stat().st_size > 1000
 
 
 def test_process_backend(tmp_path):
     out = tmp_path / "process"
-    run("s2ac", out, *TINY, *S2AC_TINY, "collector.backend=process", "collector.num_workers=2",
-        "collector.total_frames=120", "logger.backend=csv")
+    run(
+        "s2ac",
+        out,
+        *TINY,
+        *S2AC_TINY,
+        "collector.backend=process",
+        "collector.num_workers=2",
+        "collector.total_frames=120",
+        "logger.backend=csv",
+    )
     assert metrics(out)[-1]["frames"] >= 120
 
 

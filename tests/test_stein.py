@@ -1,4 +1,5 @@
 """The closed-form Stein log-density against autograd, closed forms and known entropies."""
+
 import math
 
 import pytest
@@ -59,10 +60,13 @@ def test_svgd_direction_matches_definition():
     h = 1.3**2
     for b in range(3):
         for i in range(6):
-            expected = sum(
-                math.exp(-(u[b, j] - u[b, i]).square().sum().item() / (2 * h)) * (s[b, j] + (u[b, i] - u[b, j]) / h)
-                for j in range(6)
-            ) / 6
+            expected = (
+                sum(
+                    math.exp(-(u[b, j] - u[b, i]).square().sum().item() / (2 * h)) * (s[b, j] + (u[b, i] - u[b, j]) / h)
+                    for j in range(6)
+                )
+                / 6
+            )
             torch.testing.assert_close(phi[b, i], expected)
 
 
@@ -216,7 +220,9 @@ def test_truncated_normal_sampler():
     mass = math.erf(3 / math.sqrt(2))
     variance = 1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / mass
     assert z.std(dim=1).squeeze().tolist() == pytest.approx([math.sqrt(variance)] * 2, abs=5e-3)
-    expected = torch.distributions.Normal(loc.unsqueeze(-2), scale.unsqueeze(-2)).log_prob(u).sum(-1) - 2 * math.log(mass)
+    expected = torch.distributions.Normal(loc.unsqueeze(-2), scale.unsqueeze(-2)).log_prob(u).sum(-1) - 2 * math.log(
+        mass
+    )
     torch.testing.assert_close(log_q, expected, rtol=1e-5, atol=1e-4)
 
 

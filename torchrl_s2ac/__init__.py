@@ -1,4 +1,5 @@
 """S2AC (Stein Soft Actor-Critic) as TorchRL components."""
+
 from torchrl_s2ac.kernels import KernelMatrix, RBFKernel
 from torchrl_s2ac.stein import (
     SteinEntropy,

@@ -1,6 +1,7 @@
 r"""The two densities around the SVGD sampler: the initial truncated normal
 :math:`q^0` and the tanh squash onto the action box.
 """
+
 from __future__ import annotations
 
 import functools

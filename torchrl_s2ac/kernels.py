@@ -4,6 +4,7 @@ The kernel is ``k(x, y) = exp(-||x - y||^2 / (2 h))`` with ``h = sigma^2``.
 Particles are shaped ``[*batch, m, d]``: each leading index is one state
 (one independent particle system); the bandwidth is chosen per state.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,9 +52,7 @@ class RBFKernel(nn.Module):
 
     RULES = ("median", "mean")
 
-    def __init__(
-        self, sigma: float | None = None, rule: str = "median", min_bandwidth: float = 1e-6
-    ) -> None:
+    def __init__(self, sigma: float | None = None, rule: str = "median", min_bandwidth: float = 1e-6) -> None:
         super().__init__()
         if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"RBFKernel: sigma must be a positive finite number or None, got {sigma!r}.")
@@ -91,9 +90,7 @@ class RBFKernel(nn.Module):
             particles: ``[*batch, m, d]``.
         """
         if particles.ndim < 2:
-            raise ValueError(
-                f"RBFKernel: particles must be shaped [*batch, m, d], got shape {tuple(particles.shape)}."
-            )
+            raise ValueError(f"RBFKernel: particles must be shaped [*batch, m, d], got shape {tuple(particles.shape)}.")
         diff = particles.unsqueeze(-2) - particles.unsqueeze(-3)
         sq_dist = diff.square().sum(-1)
         h = self.bandwidth(sq_dist)

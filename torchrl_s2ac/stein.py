@@ -18,6 +18,7 @@ with (keeping the :math:`j \neq i` terms)
     \mathrm{Tr}\nabla\phi(u_i) = \frac{1}{m}\sum_{j\neq i}\frac{k_{ij}}{h}
         \Big[d - \frac{\|u_i - u_j\|^2}{h} - (u_i - u_j)^\top s_j\Big].
 """
+
 from __future__ import annotations
 
 import math

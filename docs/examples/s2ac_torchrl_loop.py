@@ -1,7 +1,8 @@
 """S2AC composed in a plain TorchRL loop: env, Collector, replay buffer, SoftUpdate, Adam.
 
-    python docs/examples/s2ac_torchrl_loop.py [total_frames]
+python docs/examples/s2ac_torchrl_loop.py [total_frames]
 """
+
 import sys
 
 import torch
@@ -14,9 +15,7 @@ from torchrl_s2ac import S2ACLoss, SoftQCritic, SVGDActor
 
 total_frames = int(sys.argv[1]) if len(sys.argv) > 1 else 15_000
 torch.manual_seed(0)
-env = TransformedEnv(
-    GymEnv("Pendulum-v1"), Compose(InitTracker(), DoubleToFloat(), StepCounter(200), RewardSum())
-)
+env = TransformedEnv(GymEnv("Pendulum-v1"), Compose(InitTracker(), DoubleToFloat(), StepCounter(200), RewardSum()))
 env.set_seed(0)
 
 # The critic is the energy the actor samples from: pi(a|s) ∝ exp(Q(s, a) / alpha).

@@ -9,6 +9,7 @@ that crosses the obstacle segment (when enabled) is cancelled. Reward
 
 and reaching a goal terminates the episode. Episodes are truncated after 30 steps.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 r"""The S2AC policy: :math:`\pi(a|s) \propto \exp(Q(s, a)/\alpha)` sampled by SVGD from a learned :math:`q^0`."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -174,11 +175,15 @@ class SVGDActor(TensorDictModuleBase):
                 raise ValueError(f"SVGDActor: fixed_init_std must be > 0, got {fixed_init_std!r}.")
             self.init_network = None
         else:
-            self.init_network = init_network if init_network is not None else MLP(
-                in_features=self.observation_dim,
-                out_features=2 * self.action_dim,
-                num_cells=list(num_cells),
-                activation_class=activation_class,
+            self.init_network = (
+                init_network
+                if init_network is not None
+                else MLP(
+                    in_features=self.observation_dim,
+                    out_features=2 * self.action_dim,
+                    num_cells=list(num_cells),
+                    activation_class=activation_class,
+                )
             )
         # Held by reference, outside the module tree: see the class docstring.
         self.__dict__["critic"] = critic

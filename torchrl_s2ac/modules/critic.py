@@ -1,4 +1,5 @@
 r"""Ensemble of soft Q-networks :math:`Q_k(s, a)`, evaluated in one batched call."""
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,9 @@ __all__ = ["SoftQCritic"]
 # act'(z) from the pre-activation z and the activation's output y.
 _ACTIVATION_DERIVATIVES = {
     # ELU: 1 for z > 0, y + alpha otherwise; for alpha <= 1 that is min(y + alpha, 1).
-    nn.ELU: lambda act, z, y: (y + act.alpha).clamp(max=1.0) if act.alpha <= 1 else torch.where(z > 0, 1.0, y + act.alpha),
+    nn.ELU: lambda act, z, y: (
+        (y + act.alpha).clamp(max=1.0) if act.alpha <= 1 else torch.where(z > 0, 1.0, y + act.alpha)
+    ),
     nn.ReLU: lambda act, z, y: (z > 0).to(z.dtype),
     nn.Tanh: lambda act, z, y: 1 - y.square(),
 }

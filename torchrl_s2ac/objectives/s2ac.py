@@ -1,4 +1,5 @@
 r"""The S2AC objective (Messaoud et al., ICLR 2024) as a TorchRL :class:`~torchrl.objectives.LossModule`."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
-from torchrl.objectives.utils import ValueEstimators, distance_loss
+from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator, distance_loss
 
 from torchrl_s2ac.modules.actor import SVGDActor
 from torchrl_s2ac.modules.critic import SoftQCritic
@@ -113,7 +114,9 @@ class S2ACLoss(LossModule):
         if qvalue_network is None:
             qvalue_network = actor_network.critic
         if qvalue_network is not actor_network.critic:
-            raise ValueError("S2ACLoss: qvalue_network must be the critic the actor samples from (actor_network.critic).")
+            raise ValueError(
+                "S2ACLoss: qvalue_network must be the critic the actor samples from (actor_network.critic)."
+            )
         if loss_function not in ("l2", "l1", "smooth_l1"):
             raise ValueError(f"S2ACLoss: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
         if reduction is None:
@@ -170,8 +173,6 @@ class S2ACLoss(LossModule):
         value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
         if value_type is None:
             return self
-        from torchrl.objectives.utils import dispatch_value_estimator
-
         dispatch_value_estimator(
             self,
             value_type,
