@@ -82,10 +82,16 @@ def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
     )
 
 
-def s2ac_agent(obs_dim, act_dim, m=10, steps=3):
+def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile=False):
     critic = SoftQCritic(obs_dim, act_dim)
     actor = SVGDActor(
-        Bounded(-1.0, 1.0, (act_dim,)), critic, num_particles=m, num_steps=steps, max_step_ratio=0.5, warn_ratio=None
+        Bounded(-1.0, 1.0, (act_dim,)),
+        critic,
+        num_particles=m,
+        num_steps=steps,
+        max_step_ratio=0.5,
+        warn_ratio=None,
+        compile=compile,
     )
     loss = S2ACLoss(actor)
     loss.make_value_estimator(gamma=0.99)
@@ -204,6 +210,7 @@ def main() -> None:
     # Acting.
     obs_dim, act_dim = SHAPES["Hopper-v5"]
     s2ac_actor, _ = s2ac_agent(obs_dim, act_dim)
+    compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile=True)
     sac_actor, _ = sac_agent(obs_dim, act_dim)
     lines += [
         "",
@@ -215,6 +222,8 @@ def main() -> None:
     for label, actor, exploration in (
         ("S2AC", s2ac_actor, ExplorationType.RANDOM),
         ("S2AC", s2ac_actor, ExplorationType.DETERMINISTIC),
+        ("S2AC, compile=True", compiled_actor, ExplorationType.RANDOM),
+        ("S2AC, compile=True", compiled_actor, ExplorationType.DETERMINISTIC),
         ("SAC", sac_actor, ExplorationType.RANDOM),
     ):
         with set_exploration_type(exploration):

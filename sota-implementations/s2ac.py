@@ -55,6 +55,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         max_step_ratio=s.max_step_ratio,
         train_selection=s.train_selection,
         eval_selection=s.eval_selection,
+        compile=s.compile,
     )
     loss = S2ACLoss(actor, fixed_alpha=s.fixed_alpha, target_entropy=s.target_entropy)
     loss.make_value_estimator(gamma=cfg.optim.gamma)

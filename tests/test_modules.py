@@ -197,3 +197,18 @@ def test_actor_in_collector(env_name, exploration):
     assert data["action"].shape == (2, 10, env.action_spec.shape[-1])
     assert not data["action"].requires_grad
     assert env.action_spec_unbatched.is_in(data["action"][0, 0])
+
+
+def test_compiled_acting_matches_eager():
+    actor, _ = make_actor(compile=True, return_log_prob=True, particle_keys=["pa", "plp"], max_step_ratio=0.5)
+    td = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        torch.manual_seed(7)
+        compiled = actor(td.clone())
+        actor.compile = False
+        torch.manual_seed(7)
+        eager = actor(td.clone())
+    assert actor._compiled_sample is not None
+    torch.testing.assert_close(compiled["pa"], eager["pa"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled["plp"], eager["plp"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled["action"], eager["action"], rtol=1e-4, atol=1e-5)

@@ -41,7 +41,9 @@ def sample_truncated_normal(
     """
     if loc.shape != scale.shape:
         raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}.")
-    standard = _standard_truncated_normal(bound, loc.dtype, loc.device)
+    # Under torch.compile, build it inline (dynamo does not honour the lru_cache wrapper).
+    make = _standard_truncated_normal.__wrapped__ if torch.compiler.is_compiling() else _standard_truncated_normal
+    standard = make(bound, loc.dtype, loc.device)
     z = standard.rsample((*loc.shape[:-1], num_samples, loc.shape[-1]))
     loc, scale = loc.unsqueeze(-2), scale.unsqueeze(-2)
     log_q0 = (standard.log_prob(z) - scale.log()).sum(-1)

@@ -295,7 +295,7 @@ class SteinEntropy(nn.Module):
             particles = particles + step_size[..., None, None] * phi
             if not create_graph:
                 particles = particles.detach()
-            if self.check_finite:
+            if self.check_finite and not torch.compiler.is_compiling():  # compiled callers check afterwards
                 checked = {"score": grad, "particles": particles}
                 if track_density:
                     checked["log_density"] = log_q

@@ -92,6 +92,10 @@ class SVGDActor(TensorDictModuleBase):
             :math:`\log\pi(a|s)` under ``log_prob_key``. Acting without it skips the
             Stein trace (cheaper). Defaults to ``False``, like TorchRL's ``ProbabilisticActor``.
         log_prob_key: defaults to ``"action_log_prob"``.
+        compile (bool): run the acting path (calls made with gradients off: collectors,
+            evaluation) through :func:`torch.compile`. Possible because the closed-form
+            critic gradient needs no double backward; the loss path stays eager. The first
+            call compiles (seconds). Defaults to ``False``.
         particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
             their log-probabilities ``[*batch, m]`` (with ``return_log_prob``) are written too.
     """
@@ -122,6 +126,7 @@ class SVGDActor(TensorDictModuleBase):
         return_log_prob: bool = False,
         log_prob_key: NestedKey = "action_log_prob",
         particle_keys: Sequence[NestedKey] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(critic, SoftQCritic):
@@ -187,6 +192,25 @@ class SVGDActor(TensorDictModuleBase):
             )
         # Held by reference, outside the module tree: see the class docstring.
         self.__dict__["critic"] = critic
+        self.compile = compile
+        self._compiled_sample = None  # built lazily, per process (not pickled)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_compiled_sample"] = None
+        return state
+
+    def _acting_sample(self, observation: torch.Tensor) -> ParticleSample:
+        if not self.compile or torch.is_grad_enabled():
+            return self.sample_particles(observation, with_log_prob=self.return_log_prob)
+        if self._compiled_sample is None:
+            self._compiled_sample = torch.compile(self.sample_particles, dynamic=False)
+        sample = self._compiled_sample(observation, with_log_prob=self.return_log_prob)
+        outputs = [sample.action] if sample.log_prob is None else [sample.action, sample.log_prob]
+        if self.stein.check_finite and not all(torch.isfinite(x).all() for x in outputs):
+            # The compiled graph skips the per-step checks; rerun eagerly to name the failing step.
+            return self.sample_particles(observation, with_log_prob=self.return_log_prob)
+        return sample
 
     def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Mean :math:`\mu_\theta(s)` and clamped std :math:`\sigma_\theta(s)` of :math:`q^0`, each ``[*batch, d]``."""
@@ -249,7 +273,7 @@ class SVGDActor(TensorDictModuleBase):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get(self.in_keys[0])
-        sample = self.sample_particles(observation, with_log_prob=self.return_log_prob)
+        sample = self._acting_sample(observation)
         index = self.select(observation, sample, self._selection())
         action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
         tensordict.set(self.out_keys[0], action.squeeze(-2))
