@@ -91,6 +91,17 @@ def langevin_curve(log_density, u0, log_q0, step_size, num_steps):
     return curve
 
 
+def save_entropy_plot(fig, ax, truth: float, xlabel: str, path: Path) -> None:
+    """Add the true-entropy line, labels and legend, then write the figure."""
+    ax.axhline(truth, color="k", ls="--", label="true entropy")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("entropy estimate (nats)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/entropy"))
@@ -120,13 +131,7 @@ def main() -> None:
         curve = stein_curve(log_p, u0, lq0, 3.0, 0.5, steps)
         ax.plot(curve, label=f"SVGD from {label}")
         report.append(f"| {label} | {curve[-1]:.3f} |")
-    ax.axhline(truth, color="k", ls="--", label="true entropy")
-    ax.set_xlabel("SVGD step")
-    ax.set_ylabel("entropy estimate (nats)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "gaussian_entropy.png", dpi=120)
-    plt.close(fig)
+    save_entropy_plot(fig, ax, truth, "SVGD step", args.out / "gaussian_entropy.png")
 
     # 2. Sensitivity to sigma, m and L.
     sigmas = (0.1, 1.0, 3.0, 5.0, 7.0, 10.0)
@@ -154,14 +159,8 @@ def main() -> None:
         ax.plot(
             sigmas, [r[3] for r in rows if r[1] == m and r[2] == num_steps], marker="o", label=f"m={m}, L={num_steps}"
         )
-    ax.axhline(truth, color="k", ls="--", label="true entropy")
     ax.set_xscale("log")
-    ax.set_xlabel("kernel sigma")
-    ax.set_ylabel("entropy estimate (nats)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "sensitivity.png", dpi=120)
-    plt.close(fig)
+    save_entropy_plot(fig, ax, truth, "kernel sigma", args.out / "sensitivity.png")
 
     # 3. Gaussian mixtures in several dimensions.
     dims = (2, 10) if args.quick else (2, 10, 20)
@@ -192,13 +191,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(svgd, label="SVGD + closed-form trace")
     ax.plot(langevin, label="Langevin + same bookkeeping")
-    ax.axhline(truth, color="k", ls="--", label="true entropy")
-    ax.set_xlabel("step (size 0.05)")
-    ax.set_ylabel("entropy estimate (nats)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "langevin.png", dpi=120)
-    plt.close(fig)
+    save_entropy_plot(fig, ax, truth, "step (size 0.05)", args.out / "langevin.png")
     report += [
         "",
         "## 4. Langevin contrast (step 0.05)",

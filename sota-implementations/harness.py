@@ -236,14 +236,18 @@ def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optim
 # ---------------------------------------------------------------------------
 
 
+def until_first_done(rollout: TensorDict) -> torch.Tensor:
+    """``[envs, T]`` mask of the steps of each env's first episode (up to and including its first done)."""
+    done = rollout.get(("next", "done")).squeeze(-1).int()
+    return (done.cumsum(-1) - done) == 0
+
+
 def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
     """Mean return over ``logger.eval_episodes`` episodes, deterministic action selection."""
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
         rollout = eval_env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
-    done = rollout.get(("next", "done")).squeeze(-1)
-    before_first_done = (done.int().cumsum(-1) - done.int()) == 0
-    returns = (reward * before_first_done).sum(-1)
+    returns = (reward * until_first_done(rollout)).sum(-1)
     metrics = {
         "eval/return": returns.mean().item(),
         "eval/return_std": returns.std().item() if returns.numel() > 1 else 0.0,
@@ -406,7 +410,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
                     for _ in range(num_updates):
                         loss_td = update(replay_buffer.sample())
                         state["updates"] += 1
-                for key in (*agent.loss_keys, *agent.metric_keys, "svgd_step_ratio"):
+                for key in (*agent.loss_keys, *agent.metric_keys):
                     if key in loss_td.keys():
                         window.setdefault(f"train/{key}", []).append(loss_td[key].item())
             metrics = {}

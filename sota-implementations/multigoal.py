@@ -93,8 +93,7 @@ def test_episodes(policy, layout: str, obstacle: bool):
     env = MultiGoalEnv(layout=layout, obstacle=obstacle, batch_size=(TEST_EPISODES,))
     with set_exploration_type(ExplorationType.RANDOM):
         rollout = env.rollout(30, policy, break_when_any_done=False)
-    done = rollout["next", "done"].squeeze(-1)
-    alive = (done.int().cumsum(-1) - done.int()) == 0  # steps up to and including the first done
+    alive = harness.until_first_done(rollout)
     returns = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1)
     reached = rollout["next", "terminated"].squeeze(-1) & alive
     final = rollout["next", "observation"][reached]  # one position per episode that reached a goal

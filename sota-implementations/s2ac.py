@@ -55,11 +55,16 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         max_step_ratio=s.max_step_ratio,
         train_selection=s.train_selection,
         eval_selection=s.eval_selection,
-        compile=s.compile,
+        compile=s.get("compile", False),  # absent from configs saved before the option existed
     )
     loss = S2ACLoss(actor, fixed_alpha=s.fixed_alpha, target_entropy=s.target_entropy)
     loss.make_value_estimator(gamma=cfg.optim.gamma)
-    return harness.Agent(loss=loss, policy=SVGDPolicy(actor), optimizers=harness.make_optimizers(cfg, loss))
+    return harness.Agent(
+        loss=loss,
+        policy=SVGDPolicy(actor),
+        optimizers=harness.make_optimizers(cfg, loss),
+        metric_keys=("alpha", "entropy", "svgd_step_ratio"),
+    )
 
 
 @hydra.main(version_base="1.3", config_path="config", config_name="s2ac")

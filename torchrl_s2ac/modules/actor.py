@@ -233,7 +233,7 @@ class SVGDActor(TensorDictModuleBase):
         loc, scale = self.init_distribution(observation)
         particles, log_q0 = sample_truncated_normal(loc, scale, self.num_particles)
         log_q0 = log_q0 if with_log_prob else None
-        per_particle_obs = observation.unsqueeze(-2).expand(*particles.shape[:-1], observation.shape[-1])
+        per_particle_obs = observation.unsqueeze(-2)  # the critic broadcasts it over the m particles
         critic, squash, alpha = self.critic, self.squash, self.alpha
 
         def log_density(u: torch.Tensor) -> torch.Tensor:
@@ -265,8 +265,7 @@ class SVGDActor(TensorDictModuleBase):
             # Particles are exchangeable (i.i.d. initial draws, symmetric updates).
             return torch.randint(self.num_particles, batch_shape, device=observation.device)
         with torch.no_grad():
-            per_particle_obs = observation.unsqueeze(-2).expand(*sample.action.shape[:-1], observation.shape[-1])
-            q = self.critic.min_values(per_particle_obs, sample.action.detach())
+            q = self.critic.min_values(observation.unsqueeze(-2), sample.action.detach())
         if selection == "max":
             return q.argmax(-1)
         return torch.distributions.Categorical(logits=q / self.alpha).sample()

@@ -223,9 +223,6 @@ class S2ACLoss(LossModule):
             )
         return value
 
-    def _per_particle(self, observation: torch.Tensor) -> torch.Tensor:
-        return observation.unsqueeze(-2).expand(*observation.shape[:-1], self.actor_network.num_particles, -1)
-
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._sync_actor_alpha()
@@ -251,7 +248,7 @@ class S2ACLoss(LossModule):
         with torch.no_grad():
             sample = self.actor_network.sample_particles(next_observation)
             with self.target_qvalue_network_params.to_module(self.qvalue_network):
-                next_q = self.qvalue_network.min_values(self._per_particle(next_observation), sample.action)
+                next_q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), sample.action)
             next_value = (next_q - self._alpha * sample.log_prob).mean(-1, keepdim=True)
             for key in (self.tensor_keys.reward, self.tensor_keys.done, self.tensor_keys.terminated):
                 value = self._get(tensordict, ("next", key))
@@ -284,7 +281,7 @@ class S2ACLoss(LossModule):
         observation = self._get(tensordict, self.tensor_keys.observation)
         with self.qvalue_network_params.detach().to_module(self.qvalue_network):
             sample = self.actor_network.sample_particles(observation)
-            q = self.qvalue_network.min_values(self._per_particle(observation), sample.action)
+            q = self.qvalue_network.min_values(observation.unsqueeze(-2), sample.action)
         loss = (self._alpha * sample.log_prob - q).mean(-1)
         weights = self._maybe_get_priority_weight(tensordict)
         loss = self._reduce_loss(loss, tensordict=tensordict, weights=weights)
