@@ -1,4 +1,4 @@
-"""Shared training harness for s2ac.py, sac.py (and sql.py): envs, collector,
+"""Shared training harness for s2ac.py, sac.py and sql.py: envs, collector,
 replay buffer, logger, evaluation, checkpoint/resume and the training loop.
 
 A script supplies one function, ``make_agent(cfg, train_env) -> Agent``; the
@@ -226,7 +226,7 @@ def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optim
     optimizers = [torch.optim.Adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)]
     if trainable(loss.actor_network_params):  # a fixed q0 has nothing to train
         optimizers.append(torch.optim.Adam(trainable(loss.actor_network_params), lr=optim.lr_actor))
-    if isinstance(loss.log_alpha, torch.nn.Parameter):
+    if isinstance(getattr(loss, "log_alpha", None), torch.nn.Parameter):
         optimizers.append(torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha))
     return optimizers
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,10 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type  # noqa: E4
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
-import s2ac  # noqa: E402
-import sac  # noqa: E402
 
 from torchrl_s2ac.envs import LAYOUTS, OBSTACLES, PROBE_STATES, MultiGoalEnv  # noqa: E402
 
-ALGORITHMS = {"s2ac": s2ac, "sac": sac}
+ALGORITHMS = ("s2ac", "sac", "sql")
 # Settings for the 2-D task: shorter warm-up, smaller nets; S2AC with L = 10 as in the release.
 COMMON = [
     "env=multigoal",
@@ -52,8 +51,10 @@ COMMON = [
     "num_threads=1",
 ]
 PRESETS = {
-    "s2ac": ["s2ac.num_steps=10", "network.init_cells=[128,128]"],
+    # The release's multi-goal variant: fixed q0 = N(0, 0.5^2), L = 10; the amortized sampler is trained alongside.
+    "s2ac": ["s2ac.num_steps=10", "network.init_cells=[128,128]", "s2ac.fixed_init_std=0.5", "s2ac.amortized=true"],
     "sac": ["network.actor_cells=[128,128]"],
+    "sql": ["network.sampler_cells=[128,128]"],
 }
 TEST_EPISODES = 20
 
@@ -83,7 +84,7 @@ def train(args, algorithm, seed) -> subprocess.Popen | None:
 
 def load_agent(directory: Path, algorithm: str):
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
-    agent = ALGORITHMS[algorithm].make_agent(cfg, harness.env_specs(cfg))
+    agent = importlib.import_module(algorithm).make_agent(cfg, harness.env_specs(cfg))
     agent.loss.load_state_dict(torch.load(directory / "checkpoints" / "last.pt", weights_only=False)["loss"])
     return cfg, agent
 
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--out", type=Path, default=Path("results/multigoal"))
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--s2ac", nargs="*", default=[], help="hydra overrides for s2ac.py only")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for both scripts")
@@ -142,7 +144,7 @@ def main() -> None:
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
-        harness.train_side_by_side(functools.partial(train, args), ALGORITHMS, args.seeds, args.out / "runs")
+        harness.train_side_by_side(functools.partial(train, args), args.algorithms, args.seeds, args.out / "runs")
 
     goals = LAYOUTS[args.layout]
     wall = OBSTACLES[args.layout]
@@ -161,7 +163,7 @@ def main() -> None:
         2 * len(args.seeds), len(PROBE_STATES), figsize=(3 * len(PROBE_STATES), 6 * len(args.seeds)), squeeze=False
     )
     grid = torch.linspace(-1, 1, 61)
-    for column, (seed, algorithm) in enumerate((s, a) for s in args.seeds for a in ALGORITHMS):
+    for column, (seed, algorithm) in enumerate((s, a) for s in args.seeds for a in args.algorithms):
         _, agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
         entropy, samples = probe_entropy_and_samples(agent, algorithm)
         for row, obstacle in enumerate((False, True)):

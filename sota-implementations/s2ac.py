@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import harness
-from torchrl_s2ac import RBFKernel, S2ACLoss, SoftQCritic, SVGDActor, SVGDPolicy
+from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SoftQCritic, SVGDActor, SVGDPolicy
 
 
 def validate(cfg: DictConfig) -> None:
@@ -28,19 +28,27 @@ def validate(cfg: DictConfig) -> None:
     if not s.alpha > 0:
         raise harness.ConfigError(f"s2ac.alpha={s.alpha} must be > 0.")
     for name in ("train_selection", "eval_selection"):
-        if s[name] not in ("random", "max", "softmax"):
-            raise harness.ConfigError(f"s2ac.{name}={s[name]!r} must be random, max or softmax.")
+        if s[name] not in ("random", "max", "softmax", "amortized"):
+            raise harness.ConfigError(f"s2ac.{name}={s[name]!r} must be random, max, softmax or amortized.")
+        if s[name] == "amortized" and not s.get("amortized", False):
+            raise harness.ConfigError(f"s2ac.{name}=amortized needs s2ac.amortized=true (a trained sampler).")
 
 
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
     s, net = cfg.s2ac, cfg.network
+    obs_dim = env.observation_spec["observation"].shape[-1]
     critic = SoftQCritic(
-        env.observation_spec["observation"].shape[-1],
+        obs_dim,
         env.action_spec.shape[-1],
         num_cells=net.critic_cells,
         activation_class=harness.activation(cfg),
         num_qvalue_nets=net.num_qvalue_nets,
     )
+    sampler = None
+    if s.get("amortized", False):  # absent from configs saved before the option existed
+        sampler = AmortizedSampler(
+            env.action_spec, obs_dim, num_cells=net.init_cells, activation_class=harness.activation(cfg)
+        )
     actor = SVGDActor(
         env.action_spec,
         critic,
@@ -56,6 +64,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         train_selection=s.train_selection,
         eval_selection=s.eval_selection,
         compile=s.get("compile", False),  # absent from configs saved before the option existed
+        amortized_sampler=sampler,
     )
     loss = S2ACLoss(actor, fixed_alpha=s.fixed_alpha, target_entropy=s.target_entropy)
     loss.make_value_estimator(gamma=cfg.optim.gamma)
@@ -63,6 +72,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         loss=loss,
         policy=SVGDPolicy(actor),
         optimizers=harness.make_optimizers(cfg, loss),
+        loss_keys=("loss_actor", "loss_qvalue", "loss_alpha", "loss_amortized"),
         metric_keys=("alpha", "entropy", "svgd_step_ratio"),
     )
 

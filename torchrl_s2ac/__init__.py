@@ -10,8 +10,8 @@ from torchrl_s2ac.stein import (
     svgd_direction,
 )
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
-from torchrl_s2ac.modules import ParticleSample, SoftQCritic, SVGDActor, SVGDPolicy
-from torchrl_s2ac.objectives import S2ACLoss
+from torchrl_s2ac.modules import AmortizedSample, AmortizedSampler, ParticleSample, SoftQCritic, SVGDActor, SVGDPolicy
+from torchrl_s2ac.objectives import S2ACLoss, SoftQLoss, SQLLoss
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,13 @@ __all__ = [
     "svgd_direction",
     "TanhSquash",
     "sample_truncated_normal",
+    "AmortizedSample",
+    "AmortizedSampler",
     "ParticleSample",
     "SoftQCritic",
     "SVGDActor",
     "SVGDPolicy",
     "S2ACLoss",
+    "SoftQLoss",
+    "SQLLoss",
 ]

@@ -16,11 +16,12 @@ from torchrl.modules import MLP
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
 from torchrl_s2ac.kernels import RBFKernel
 from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.sampler import AmortizedSampler
 from torchrl_s2ac.stein import SteinEntropy
 
 __all__ = ["ParticleSample", "SVGDActor", "SVGDPolicy"]
 
-SELECTIONS = ("random", "max", "softmax")
+SELECTIONS = ("random", "max", "softmax", "amortized")
 
 
 class ParticleSample(NamedTuple):
@@ -32,12 +33,15 @@ class ParticleSample(NamedTuple):
         step_ratio: invertibility diagnostic per SVGD step, ``[L]``
             (see :class:`~torchrl_s2ac.SteinOutput`).
         init_scale: the :math:`q^0` standard deviation :math:`\\sigma_\\theta(s)`, ``[*batch, d]``.
+        noise: the standardized initial draws :math:`\\xi_i = (u_i^0 - \\mu_\\theta(s)) / \\sigma_\\theta(s)`,
+            ``[*batch, m, d]``, detached (what an amortized sampler is conditioned on).
     """
 
     action: torch.Tensor
     log_prob: torch.Tensor
     step_ratio: torch.Tensor
     init_scale: torch.Tensor
+    noise: torch.Tensor
 
 
 class SVGDActor(TensorDictModuleBase):
@@ -78,9 +82,9 @@ class SVGDActor(TensorDictModuleBase):
         max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
         warn_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``1.0``.
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
-            ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q) or
-            ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`).
-            Defaults to ``"random"``.
+            ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q),
+            ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`) or
+            ``"amortized"`` (no SVGD: one pass of ``amortized_sampler``). Defaults to ``"random"``.
         eval_selection (str): particle chosen under any other exploration type.
             Defaults to ``"max"``.
         default_exploration (ExplorationType): the exploration type assumed when
@@ -98,6 +102,10 @@ class SVGDActor(TensorDictModuleBase):
             call compiles (seconds). Defaults to ``False``.
         particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
             their log-probabilities ``[*batch, m]`` (with ``return_log_prob``) are written too.
+        amortized_sampler (AmortizedSampler, optional): the fast-inference network
+            :math:`f_\psi(s, \xi)`; :class:`~torchrl_s2ac.S2ACLoss` trains it to map each particle's
+            standardized initial draw :math:`\xi_i` to its SVGD endpoint :math:`a_i`. A submodule:
+            its parameters are part of the actor's.
     """
 
     def __init__(
@@ -127,6 +135,7 @@ class SVGDActor(TensorDictModuleBase):
         log_prob_key: NestedKey = "action_log_prob",
         particle_keys: Sequence[NestedKey] | None = None,
         compile: bool = False,
+        amortized_sampler: AmortizedSampler | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(critic, SoftQCritic):
@@ -138,6 +147,18 @@ class SVGDActor(TensorDictModuleBase):
         for name, value in (("train_selection", train_selection), ("eval_selection", eval_selection)):
             if value not in SELECTIONS:
                 raise ValueError(f"SVGDActor: {name} must be one of {SELECTIONS}, got {value!r}.")
+        amortized = "amortized" in (train_selection, eval_selection)
+        if amortized and amortized_sampler is None:
+            raise ValueError("SVGDActor: the 'amortized' selection needs an amortized_sampler.")
+        if amortized and (return_log_prob or particle_keys is not None):
+            raise ValueError(
+                "SVGDActor: the 'amortized' selection has no particles or closed-form log-density; "
+                "it cannot be combined with return_log_prob=True or particle_keys."
+            )
+        if amortized_sampler is not None and not isinstance(amortized_sampler, AmortizedSampler):
+            raise TypeError(
+                f"SVGDActor: amortized_sampler must be an AmortizedSampler, got {type(amortized_sampler).__name__}."
+            )
         space = getattr(action_spec, "space", None)
         if not isinstance(action_spec, Bounded) or space is None:
             raise ValueError(
@@ -190,6 +211,15 @@ class SVGDActor(TensorDictModuleBase):
                     activation_class=activation_class,
                 )
             )
+        if amortized_sampler is not None and (
+            amortized_sampler.action_dim != self.action_dim or amortized_sampler.observation_dim != self.observation_dim
+        ):
+            raise ValueError(
+                f"SVGDActor: amortized_sampler maps {amortized_sampler.observation_dim}-d observations to "
+                f"{amortized_sampler.action_dim}-d actions; the actor needs "
+                f"{self.observation_dim} -> {self.action_dim}."
+            )
+        self.amortized_sampler = amortized_sampler
         # Held by reference, outside the module tree: see the class docstring.
         self.__dict__["critic"] = critic
         self.compile = compile
@@ -232,6 +262,7 @@ class SVGDActor(TensorDictModuleBase):
             )
         loc, scale = self.init_distribution(observation)
         particles, log_q0 = sample_truncated_normal(loc, scale, self.num_particles)
+        noise = ((particles - loc.unsqueeze(-2)) / scale.unsqueeze(-2)).detach()
         log_q0 = log_q0 if with_log_prob else None
         per_particle_obs = observation.unsqueeze(-2)  # the critic broadcasts it over the m particles
         critic, squash, alpha = self.critic, self.squash, self.alpha
@@ -252,7 +283,7 @@ class SVGDActor(TensorDictModuleBase):
         else:
             out = self.stein.sample(log_density, particles, log_q0)
         log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles) if with_log_prob else None
-        return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale)
+        return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale, noise)
 
     def _selection(self) -> str:
         current = exploration_type() or self.default_exploration
@@ -272,8 +303,12 @@ class SVGDActor(TensorDictModuleBase):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get(self.in_keys[0])
+        selection = self._selection()
+        if selection == "amortized":
+            tensordict.set(self.out_keys[0], self.amortized_sampler.act(observation))
+            return tensordict
         sample = self._acting_sample(observation)
-        index = self.select(observation, sample, self._selection())
+        index = self.select(observation, sample, selection)
         action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
         tensordict.set(self.out_keys[0], action.squeeze(-2))
         if self.return_log_prob:

@@ -3,22 +3,19 @@ r"""The S2AC objective (Messaoud et al., ICLR 2024) as a TorchRL :class:`~torchr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import dispatch
-from tensordict.utils import NestedKey
-from torchrl.objectives import LossModule
-from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator, distance_loss
 
-from torchrl_s2ac.modules.actor import SVGDActor
+from torchrl_s2ac.modules.actor import ParticleSample, SVGDActor
 from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.objectives.soft_q import SoftQLoss
 
 __all__ = ["S2ACLoss"]
 
 
-class S2ACLoss(LossModule):
+class S2ACLoss(SoftQLoss):
     r"""Stein Soft Actor-Critic loss.
 
     With :math:`m` SVGD particles :math:`a'_i \sim \pi(\cdot|s')` (score from the
@@ -38,6 +35,16 @@ class S2ACLoss(LossModule):
     With ``fixed_alpha=False`` (beyond the paper, which fixes :math:`\alpha`),
     :math:`\mathcal L_\alpha = -\log\alpha\,(\log\pi + \bar{\mathcal H})` as in SAC.
 
+    When the actor has an ``amortized_sampler`` :math:`f_\psi`, it is trained to reproduce
+    the particles of the actor-loss sample from their standardized initial draws :math:`\xi_i`:
+
+    .. math::
+        \mathcal L_\psi = \frac1m\sum_i \big\|\big(\mathrm{squash}(f_\psi(s, \xi_i))
+            - \mathrm{sg}(a_i)\big) / r\big\|^2,
+
+    with :math:`r` the action box's half-width (so the loss is in tanh units); no
+    gradient reaches :math:`q^0` or the critic.
+
     Args:
         actor_network (SVGDActor): the policy; its critic is the one trained here.
         qvalue_network (SoftQCritic, optional): must be ``actor_network.critic``
@@ -49,50 +56,16 @@ class S2ACLoss(LossModule):
         target_entropy (float or "auto"): for a learned alpha; ``"auto"`` is
             :math:`-\dim(\mathcal A)`.
         min_alpha, max_alpha (float, optional): clamp on the learned alpha.
-        loss_function (str): ``"l2"``, ``"l1"`` or ``"smooth_l1"``. Defaults to ``"l2"``.
-        delay_qvalue (bool): keep target critic parameters (updated by
-            :class:`~torchrl.objectives.SoftUpdate`). Defaults to ``True``.
-        reduction (str): ``"none"``, ``"mean"`` or ``"sum"``. Defaults to ``"mean"``.
-        use_prioritized_weights (bool or "auto"): weight by ``priority_weight`` when present.
+        loss_function, delay_qvalue, reduction, use_prioritized_weights: see
+            :class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss` (its keys too).
 
     The output TensorDict holds ``loss_actor``, ``loss_qvalue``, ``loss_alpha``,
-    ``alpha``, ``entropy`` (mean closed-form entropy estimate over the batch)
-    and ``svgd_step_ratio`` (the largest invertibility diagnostic of the actor's sampler).
+    ``loss_amortized`` (zero without an amortized sampler), ``alpha``, ``entropy`` (mean closed-form
+    entropy estimate over the batch) and ``svgd_step_ratio`` (the largest invertibility diagnostic
+    of the actor's sampler).
     """
 
-    @dataclass
-    class _AcceptedKeys:
-        """Tensordict keys the loss reads and writes (see :meth:`set_keys`).
-
-        Attributes:
-            observation: the observation, also read under ``"next"``. Defaults to ``"observation"``.
-            action: the action taken. Defaults to ``"action"``.
-            value: state value key used by the value estimator. Defaults to ``"state_value"``.
-            reward, done, terminated: read under ``"next"``.
-            priority: where the TD error is written. Defaults to ``"td_error"``.
-            priority_weight: importance weights from prioritized replay.
-        """
-
-        observation: NestedKey = "observation"
-        action: NestedKey = "action"
-        value: NestedKey = "state_value"
-        reward: NestedKey = "reward"
-        done: NestedKey = "done"
-        terminated: NestedKey = "terminated"
-        priority: NestedKey = "td_error"
-        priority_weight: NestedKey = "priority_weight"
-
-    default_keys = _AcceptedKeys
-    tensor_keys: _AcceptedKeys
-    default_value_estimator = ValueEstimators.TD0
-    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
-
     actor_network: SVGDActor
-    qvalue_network: SoftQCritic
-    actor_network_params: TensorDictParams
-    qvalue_network_params: TensorDictParams
-    target_actor_network_params: TensorDictParams
-    target_qvalue_network_params: TensorDictParams
 
     def __init__(
         self,
@@ -117,23 +90,17 @@ class S2ACLoss(LossModule):
             raise ValueError(
                 "S2ACLoss: qvalue_network must be the critic the actor samples from (actor_network.critic)."
             )
-        if loss_function not in ("l2", "l1", "smooth_l1"):
-            raise ValueError(f"S2ACLoss: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
-        if reduction is None:
-            reduction = "mean"
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"S2ACLoss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}.")
         alpha_init = float(actor_network.alpha) if alpha_init is None else float(alpha_init)
         if not alpha_init > 0:
             raise ValueError(f"S2ACLoss: alpha_init must be > 0, got {alpha_init!r}.")
-        super().__init__()
-        self._in_keys = None
-        self.reduction = reduction
-        self.loss_function = loss_function
-        self.use_prioritized_weights = use_prioritized_weights
-        self.delay_qvalue = delay_qvalue
-        self.convert_to_functional(actor_network, "actor_network")
-        self.convert_to_functional(qvalue_network, "qvalue_network", create_target_params=delay_qvalue)
+        super().__init__(
+            actor_network,
+            qvalue_network,
+            loss_function=loss_function,
+            delay_qvalue=delay_qvalue,
+            reduction=reduction,
+            use_prioritized_weights=use_prioritized_weights,
+        )
 
         device = next(qvalue_network.parameters()).device
         log_alpha = torch.tensor(math.log(alpha_init), device=device)
@@ -158,70 +125,9 @@ class S2ACLoss(LossModule):
         with torch.no_grad():
             self.actor_network.alpha.copy_(self._alpha)
 
-    def _forward_value_estimator_keys(self, **kwargs) -> None:
-        if self._value_estimator is not None:
-            self._value_estimator.set_keys(
-                value=self.tensor_keys.value,
-                reward=self.tensor_keys.reward,
-                done=self.tensor_keys.done,
-                terminated=self.tensor_keys.terminated,
-            )
-        self._set_in_keys()
-
-    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams):
-        """Builds the value estimator (TD(0) only: the target needs next-state particles)."""
-        value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
-        if value_type is None:
-            return self
-        dispatch_value_estimator(
-            self,
-            value_type,
-            supported=self.SUPPORTED_VALUE_ESTIMATORS,
-            tensor_keys={
-                "value": self.tensor_keys.value,
-                "value_target": "value_target",
-                "reward": self.tensor_keys.reward,
-                "done": self.tensor_keys.done,
-                "terminated": self.tensor_keys.terminated,
-            },
-            value_network=None,
-            **hp,
-        )
-        return self
-
-    def _set_in_keys(self) -> None:
-        keys = self.tensor_keys
-        self._in_keys = [
-            keys.observation,
-            keys.action,
-            ("next", keys.observation),
-            ("next", keys.reward),
-            ("next", keys.done),
-            ("next", keys.terminated),
-        ]
-
-    @property
-    def in_keys(self):
-        if self._in_keys is None:
-            self._set_in_keys()
-        return self._in_keys
-
-    @in_keys.setter
-    def in_keys(self, values):
-        self._in_keys = values
-
     @property
     def out_keys(self):
-        return ["loss_actor", "loss_qvalue", "loss_alpha", "alpha", "entropy", "svgd_step_ratio"]
-
-    def _get(self, tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
-        value = tensordict.get(key, None)
-        if value is None:
-            raise KeyError(
-                f"S2ACLoss: key {key!r} not found in the input tensordict (keys: "
-                f"{sorted(map(str, tensordict.keys(True, True)))}). Use set_keys() to rename."
-            )
-        return value
+        return ["loss_actor", "loss_qvalue", "loss_alpha", "loss_amortized", "alpha", "entropy", "svgd_step_ratio"]
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -229,12 +135,14 @@ class S2ACLoss(LossModule):
         loss_qvalue, metadata = self.qvalue_loss(tensordict)
         loss_actor, actor_metadata = self.actor_loss(tensordict)
         loss_alpha = self.alpha_loss(actor_metadata["log_prob"], tensordict)
+        loss_amortized = self.amortized_loss(actor_metadata["sample"], tensordict)
         tensordict.set(self.tensor_keys.priority, metadata["td_error"])
         return TensorDict(
             {
                 "loss_actor": loss_actor,
                 "loss_qvalue": loss_qvalue,
                 "loss_alpha": loss_alpha,
+                "loss_amortized": loss_amortized,
                 "alpha": self._alpha,
                 "entropy": -actor_metadata["log_prob"].mean(),
                 "svgd_step_ratio": actor_metadata["step_ratio"].max(),
@@ -242,39 +150,15 @@ class S2ACLoss(LossModule):
             batch_size=[],
         )
 
-    def value_target(self, tensordict: TensorDictBase) -> torch.Tensor:
-        r"""The soft TD(0) target :math:`y`, shaped like the reward ``[*batch, 1]``; no gradient."""
-        next_observation = self._get(tensordict, ("next", self.tensor_keys.observation))
-        with torch.no_grad():
-            sample = self.actor_network.sample_particles(next_observation)
-            with self.target_qvalue_network_params.to_module(self.qvalue_network):
-                next_q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), sample.action)
-            next_value = (next_q - self._alpha * sample.log_prob).mean(-1, keepdim=True)
-            for key in (self.tensor_keys.reward, self.tensor_keys.done, self.tensor_keys.terminated):
-                value = self._get(tensordict, ("next", key))
-                if value.shape != next_value.shape:
-                    raise ValueError(
-                        f"S2ACLoss: ('next', {key!r}) has shape {tuple(value.shape)}; expected "
-                        f"{tuple(next_value.shape)} ([*batch, 1], like the observation's batch)."
-                    )
-            target_tensordict = tensordict.select("next", strict=False).copy()
-            return self.value_estimator.value_estimate(target_tensordict, next_value=next_value)
+    def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
+        r""":math:`\frac1m\sum_i [\min_k \bar Q_k(s', a'_i) - \alpha \log\pi(a'_i|s')]`, ``[*batch]``.
 
-    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        """Critic loss summed over the ensemble members, reduced over the batch."""
-        target = self.value_target(tensordict).squeeze(-1)
-        observation = self._get(tensordict, self.tensor_keys.observation)
-        action = self._get(tensordict, self.tensor_keys.action)
-        q = self.qvalue_network.ensemble_values(observation, action)  # [num_q, *batch]
-        if q.shape[1:] != target.shape:
-            raise ValueError(
-                f"S2ACLoss: critic values {tuple(q.shape[1:])} and TD target {tuple(target.shape)} differ in shape; "
-                "reward/done must be shaped [*batch, 1]."
-            )
-        loss = distance_loss(q, target.expand_as(q), loss_function=self.loss_function).sum(0)
-        weights = self._maybe_get_priority_weight(tensordict)
-        loss = self._reduce_loss(loss, tensordict=tensordict, weights=weights)
-        return loss, {"td_error": (q.detach() - target).abs().amax(0)}
+        The particles follow the online critic's score; their values come from the target critic.
+        """
+        sample = self.actor_network.sample_particles(next_observation)
+        with self.target_qvalue_network_params.to_module(self.qvalue_network):
+            next_q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), sample.action)
+        return (next_q - self._alpha * sample.log_prob).mean(-1)
 
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         """Actor loss through the SVGD sampler; the critic's parameters are detached."""
@@ -285,7 +169,17 @@ class S2ACLoss(LossModule):
         loss = (self._alpha * sample.log_prob - q).mean(-1)
         weights = self._maybe_get_priority_weight(tensordict)
         loss = self._reduce_loss(loss, tensordict=tensordict, weights=weights)
-        return loss, {"log_prob": sample.log_prob.detach(), "step_ratio": sample.step_ratio}
+        return loss, {"log_prob": sample.log_prob.detach(), "step_ratio": sample.step_ratio, "sample": sample}
+
+    def amortized_loss(self, sample: ParticleSample, tensordict: TensorDictBase) -> torch.Tensor:
+        """Regression of the amortized sampler onto the particles of ``sample`` (zero without a sampler)."""
+        sampler = self.actor_network.amortized_sampler
+        if sampler is None:
+            return torch.zeros((), device=sample.action.device)
+        observation = self._get(tensordict, self.tensor_keys.observation)
+        prediction = sampler.squash(sampler.transport(observation, sample.noise))
+        error = ((prediction - sample.action.detach()) / sampler.squash.scale).square().sum(-1).mean(-1)
+        return self._reduce_loss(error, tensordict=tensordict)
 
     def alpha_loss(self, log_prob: torch.Tensor, tensordict: TensorDictBase | None = None) -> torch.Tensor:
         r""":math:`-\log\alpha\,(\log\pi + \bar{\mathcal H})` averaged over particles; zero when alpha is fixed."""

@@ -1,0 +1,174 @@
+r"""Soft Q-learning (Haarnoja, Tang, Abbeel and Levine, ICML 2017) as a TorchRL :class:`~torchrl.objectives.LossModule`.
+
+The baseline S2AC is compared with: a soft Q-function trained against an importance-sampled
+soft value, and an amortized sampler trained by following the SVGD direction (amortized SVGD).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import dispatch
+
+from torchrl_s2ac.kernels import RBFKernel
+from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.sampler import AmortizedSampler
+from torchrl_s2ac.objectives.soft_q import SoftQLoss
+from torchrl_s2ac.stein import SVGDNumericalError, score, svgd_direction
+
+__all__ = ["SQLLoss"]
+
+
+class SQLLoss(SoftQLoss):
+    r"""Soft Q-learning loss with an amortized SVGD sampler.
+
+    **Soft value.** With :math:`M` actions :math:`a'_j` drawn uniformly on the action box
+    :math:`\mathcal A` (volume :math:`|\mathcal A|`) and target critics :math:`\bar Q_k`,
+
+    .. math::
+        V(s') = \alpha \log\Big(\frac{|\mathcal A|}{M}\sum_{j=1}^M \exp\big(\min_k \bar Q_k(s', a'_j)/\alpha\big)\Big)
+        \approx \alpha \log\int_{\mathcal A} \exp(\bar Q(s', a)/\alpha)\,da,
+
+    and the critic is trained toward :math:`y = r + \gamma(1 - \text{terminated}) V(s')`
+    (:class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss`).
+
+    **Sampler.** :math:`K` draws :math:`u_i = f_\psi(s, \xi_i)`, :math:`a_i = \mathrm{squash}(u_i)`. The
+    target :math:`\pi(a|s) \propto \exp(Q(s, a)/\alpha)`, pulled back to :math:`u`, has the score
+
+    .. math::
+        \nabla_u \log p(u) = \nabla_u \big[\min_k Q_k(s, \mathrm{squash}(u))/\alpha
+            + \log|\det \partial a/\partial u|\big]
+
+    (critic parameters detached). With :math:`\phi` the SVGD direction over the :math:`K` draws
+    (:func:`~torchrl_s2ac.svgd_direction`, kernel bandwidth from the draws), the sampler loss
+
+    .. math::
+        \mathcal L_\psi = -\frac1K\sum_i \mathrm{sg}(\phi(u_i))^\top u_i
+
+    has gradient :math:`-\frac1K\sum_i (\partial u_i/\partial\psi)^\top\phi(u_i)`: one step moves each
+    draw along the SVGD direction (Wang and Liu's amortized SVGD).
+
+    Args:
+        actor_network (AmortizedSampler): :math:`f_\psi`.
+        qvalue_network (SoftQCritic): the soft Q ensemble (Haarnoja et al. use one network).
+
+    Keyword Args:
+        alpha (float): temperature :math:`\alpha > 0` (the inverse of SQL's reward scale). Defaults to ``0.2``.
+        num_value_samples (int): :math:`M`. Defaults to ``16``.
+        num_particles (int): :math:`K \geq 2`. Defaults to ``16``.
+        kernel (RBFKernel): defaults to ``RBFKernel(rule="median")``.
+        loss_function, delay_qvalue, reduction, use_prioritized_weights: see
+            :class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss` (its keys too).
+
+    The output TensorDict holds ``loss_actor`` (the surrogate :math:`\mathcal L_\psi`, whose value is
+    not meaningful; its gradient is), ``loss_qvalue``, ``alpha`` and ``svgd_norm`` (mean
+    :math:`\|\phi(u_i)\|`: how far the sampler is from a fixed point).
+    """
+
+    actor_network: AmortizedSampler
+
+    def __init__(
+        self,
+        actor_network: AmortizedSampler,
+        qvalue_network: SoftQCritic,
+        *,
+        alpha: float = 0.2,
+        num_value_samples: int = 16,
+        num_particles: int = 16,
+        kernel: RBFKernel | None = None,
+        loss_function: str = "l2",
+        delay_qvalue: bool = True,
+        reduction: str | None = None,
+        use_prioritized_weights: str | bool = "auto",
+    ) -> None:
+        if not isinstance(actor_network, AmortizedSampler):
+            raise TypeError(f"SQLLoss: actor_network must be an AmortizedSampler, got {type(actor_network).__name__}.")
+        if not alpha > 0:
+            raise ValueError(f"SQLLoss: alpha must be > 0, got {alpha!r}.")
+        if not (isinstance(num_value_samples, int) and num_value_samples >= 1):
+            raise ValueError(f"SQLLoss: num_value_samples must be an int >= 1, got {num_value_samples!r}.")
+        if not (isinstance(num_particles, int) and num_particles >= 2):
+            raise ValueError(f"SQLLoss: num_particles must be an int >= 2, got {num_particles!r}.")
+        if (qvalue_network.observation_dim, qvalue_network.action_dim) != (
+            actor_network.observation_dim,
+            actor_network.action_dim,
+        ):
+            raise ValueError(
+                f"SQLLoss: the critic takes ({qvalue_network.observation_dim}, {qvalue_network.action_dim})-d "
+                f"(observation, action) but the sampler maps {actor_network.observation_dim} -> "
+                f"{actor_network.action_dim}."
+            )
+        super().__init__(
+            actor_network,
+            qvalue_network,
+            loss_function=loss_function,
+            delay_qvalue=delay_qvalue,
+            reduction=reduction,
+            use_prioritized_weights=use_prioritized_weights,
+        )
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.num_value_samples = num_value_samples
+        self.num_particles = num_particles
+        self.kernel = kernel if kernel is not None else RBFKernel()
+
+    @property
+    def out_keys(self):
+        return ["loss_actor", "loss_qvalue", "alpha", "svgd_norm"]
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        loss_qvalue, metadata = self.qvalue_loss(tensordict)
+        loss_actor, actor_metadata = self.actor_loss(tensordict)
+        tensordict.set(self.tensor_keys.priority, metadata["td_error"])
+        return TensorDict(
+            {
+                "loss_actor": loss_actor,
+                "loss_qvalue": loss_qvalue,
+                "alpha": self.alpha.clone(),
+                "svgd_norm": actor_metadata["svgd_norm"],
+            },
+            batch_size=[],
+        )
+
+    def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
+        r"""Importance-sampled :math:`V(s')` with the uniform proposal on the action box, ``[*batch]``."""
+        squash = self.actor_network.squash
+        uniform = torch.rand(
+            *next_observation.shape[:-1],
+            self.num_value_samples,
+            squash.loc.shape[-1],
+            dtype=next_observation.dtype,
+            device=next_observation.device,
+        )
+        actions = squash.loc + squash.scale * (2 * uniform - 1)
+        with self.target_qvalue_network_params.to_module(self.qvalue_network):
+            q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), actions)
+        log_volume = (2 * squash.scale).log().sum()
+        return self.alpha * (torch.logsumexp(q / self.alpha, -1) - math.log(self.num_value_samples) + log_volume)
+
+    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """Amortized SVGD surrogate for the sampler; no gradient reaches the critic."""
+        observation = self._get(tensordict, self.tensor_keys.observation)
+        sampler = self.actor_network
+        draws = sampler.sample(observation, self.num_particles)
+        per_particle_obs = observation.unsqueeze(-2)
+
+        def log_density(u: torch.Tensor) -> torch.Tensor:
+            q = self.qvalue_network.min_values(per_particle_obs, sampler.squash(u))
+            return q / self.alpha + sampler.squash.log_abs_det_jacobian(u)
+
+        with self.qvalue_network_params.detach().to_module(self.qvalue_network):
+            particles = draws.unsquashed.detach()
+            direction = svgd_direction(self.kernel(particles), score(log_density, particles, create_graph=False))
+        if not torch.isfinite(direction).all():
+            raise SVGDNumericalError(
+                "SQLLoss: the SVGD direction for the sampler is not finite "
+                f"(non-finite draws: {int((~torch.isfinite(particles)).any(-1).sum())}); "
+                "check the critic's values and the sampler's outputs."
+            )
+        loss = -(direction * draws.unsquashed).sum(-1).mean(-1)
+        weights = self._maybe_get_priority_weight(tensordict)
+        loss = self._reduce_loss(loss, tensordict=tensordict, weights=weights)
+        return loss, {"svgd_norm": direction.norm(dim=-1).mean()}
