@@ -1,17 +1,23 @@
-"""The paper's multi-goal experiment: S2AC and SAC on the point-mass goal map.
+"""The paper's multi-goal experiment: S2AC, SAC and SQL on the point-mass goal map.
 
-    python sota-implementations/multigoal.py --layout four_goals --seeds 0 1 --frames 6000 --out results/multigoal
+    python sota-implementations/multigoal.py --layout three_goals --seeds 0 1 2 --frames 5000
 
-Trains each algorithm with ``s2ac.py`` / ``sac.py`` (``env=multigoal``), then, per
-run, plays 20 test episodes with the stochastic (training) action selection,
-with and without the layout's obstacle, and writes:
+Trains each algorithm with ``s2ac.py`` / ``sac.py`` / ``sql.py`` (``env=multigoal``;
+runs already finished in ``--out`` are reused), then, per run, plays 20 test
+episodes with the stochastic (training) action selection, with and without the
+layout's obstacle. S2AC runs also train the amortized sampler, which is tested
+as a fourth policy ("S2AC-amortized": one network pass per action, no SVGD).
+Writes into ``--out``:
 
-- ``results.md``: distinct goals reached, hit fraction per goal, mean return,
-  entropy at the probe states (S2AC: closed-form Stein estimate over the m
-  particles; SAC: Monte Carlo -E[log pi] of its tanh-Gaussian, 1000 samples);
-- ``trajectories.png``: test trajectories over the goal map;
-- ``landscape.png``: min_k Q(s, .) over the action square at the probe states,
-  with the policy's samples on top.
+- ``results_<layout>.md``: per run, distinct goals reached, hit fraction per goal,
+  mean return, acting time, and the entropy at the probe states two ways: the
+  algorithm's own estimate (S2AC: closed-form Stein log-density of the particles;
+  SAC: Monte Carlo -E[log pi] of its tanh-Gaussian; SQL and S2AC-amortized have no
+  density) and the Kozachenko-Leonenko k-NN estimate from 1000 actions, the same
+  estimator for every policy. Then a summary over seeds.
+- ``trajectories_<layout>.png``: the test trajectories over the goal map;
+- ``landscape_<layout>.png``: min_k Q(s, .) over the action square at the probe
+  states (first seed), with 100 of the policy's actions on top.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import functools
 import importlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
@@ -36,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
+from torchrl_s2ac import knn_entropy  # noqa: E402
 from torchrl_s2ac.envs import LAYOUTS, OBSTACLES, PROBE_STATES, MultiGoalEnv  # noqa: E402
 
 ALGORITHMS = ("s2ac", "sac", "sql")
@@ -57,6 +66,7 @@ PRESETS = {
     "sql": ["network.sampler_cells=[128,128]"],
 }
 TEST_EPISODES = 20
+PROBE_ACTIONS = 1000
 
 
 def run_dir(out: Path, algorithm: str, layout: str, seed: int) -> Path:
@@ -86,36 +96,52 @@ def load_agent(directory: Path, algorithm: str):
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
     agent = importlib.import_module(algorithm).make_agent(cfg, harness.env_specs(cfg))
     agent.loss.load_state_dict(torch.load(directory / "checkpoints" / "last.pt", weights_only=False)["loss"])
-    return cfg, agent
+    return agent
+
+
+def policies(agent, algorithm: str) -> dict:
+    """The policies to test from one run: S2AC gives two (SVGD particles, amortized sampler)."""
+    if algorithm != "s2ac":
+        return {algorithm.upper(): agent.policy}
+    found = {"S2AC": agent.policy}
+    if agent.policy.actor.amortized_sampler is not None:
+        found["S2AC-amortized"] = agent.policy.actor.amortized_sampler
+    return found
 
 
 @torch.no_grad()
 def test_episodes(policy, layout: str, obstacle: bool):
     env = MultiGoalEnv(layout=layout, obstacle=obstacle, batch_size=(TEST_EPISODES,))
+    start = time.perf_counter()
     with set_exploration_type(ExplorationType.RANDOM):
         rollout = env.rollout(30, policy, break_when_any_done=False)
+    seconds = time.perf_counter() - start
     alive = harness.until_first_done(rollout)
     returns = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1)
     reached = rollout["next", "terminated"].squeeze(-1) & alive
     final = rollout["next", "observation"][reached]  # one position per episode that reached a goal
-    goals = env.goals
-    goal_index = (final.unsqueeze(-2) - goals).norm(dim=-1).argmin(-1)
-    hits = torch.bincount(goal_index, minlength=len(goals)).float() / TEST_EPISODES
+    goal_index = (final.unsqueeze(-2) - env.goals).norm(dim=-1).argmin(-1)
+    hits = torch.bincount(goal_index, minlength=len(env.goals)).float() / TEST_EPISODES
     paths = torch.cat([rollout["observation"][:, :1], rollout["next", "observation"]], 1)
-    return {"returns": returns, "hits": hits, "paths": paths, "alive": alive}
+    return {"returns": returns, "hits": hits, "paths": paths, "alive": alive, "ms_per_step": 1000 * seconds / 30}
 
 
 @torch.no_grad()
-def probe_entropy_and_samples(agent, algorithm: str):
+def probe_actions(agent, label: str):
+    """``PROBE_ACTIONS`` actions per probe state ``[P, n, 2]`` and the policy's own entropy estimate (or None)."""
     obs = torch.tensor(PROBE_STATES)
-    if algorithm == "s2ac":
+    if label == "S2AC":
         actor = agent.policy.actor
-        sample = actor.sample_particles(obs)
-        return -sample.log_prob.mean(-1), sample.action
-    actor = agent.policy
-    dist = actor.get_dist(TensorDict({"observation": obs}, [len(obs)]))
-    actions = dist.sample((1000,))
-    return -dist.log_prob(actions).mean(0), actions.transpose(0, 1)[:, :100]
+        repeats = PROBE_ACTIONS // actor.num_particles
+        sample = actor.sample_particles(obs.repeat_interleave(repeats, 0))
+        actions = sample.action.reshape(len(obs), repeats * actor.num_particles, 2)
+        return actions, -sample.log_prob.reshape(len(obs), -1).mean(-1)
+    if label == "SAC":
+        dist = agent.policy.get_dist(TensorDict({"observation": obs}, [len(obs)]))
+        actions = dist.sample((PROBE_ACTIONS,))
+        return actions.transpose(0, 1), -dist.log_prob(actions).mean(0)
+    sampler = agent.policy if label == "SQL" else agent.policy.actor.amortized_sampler
+    return sampler.sample(obs, PROBE_ACTIONS).action, None
 
 
 @torch.no_grad()
@@ -123,79 +149,121 @@ def q_landscape(agent, algorithm: str, state, grid):
     actions = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)
     obs = torch.tensor(state).expand(len(actions), 2)
     loss = agent.loss
-    if algorithm == "s2ac":
+    if algorithm in ("s2ac", "sql"):
         return loss.qvalue_network.min_values(obs, actions).reshape(len(grid), len(grid))
     td = TensorDict({"observation": obs, "action": actions}, [len(actions)])
     values = loss._vmap_qnetworkN0(td, loss.qvalue_network_params)["state_action_value"]
     return values.amin(0).reshape(len(grid), len(grid))
 
 
+def fmt(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", default="four_goals", choices=sorted(LAYOUTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--frames", type=int, default=6000)
+    parser.add_argument("--layout", default="three_goals", choices=sorted(LAYOUTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=Path("results/multigoal"))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--s2ac", nargs="*", default=[], help="hydra overrides for s2ac.py only")
-    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for both scripts")
+    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every script")
     args = parser.parse_args()
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         harness.train_side_by_side(functools.partial(train, args), args.algorithms, args.seeds, args.out / "runs")
 
-    goals = LAYOUTS[args.layout]
-    wall = OBSTACLES[args.layout]
+    goals, wall = LAYOUTS[args.layout], OBSTACLES[args.layout]
+    command = (
+        f"python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
+        f"--seeds {' '.join(map(str, args.seeds))}" + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "")
+    )
     report = [
         f"# Multi-goal ({args.layout}), {args.frames} frames per run",
         "",
-        f"Command: `python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
-        f"--seeds {' '.join(map(str, args.seeds))}" + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "") + "`",
+        f"Command: `{command}`",
         "",
-        "| algorithm | seed | obstacle | distinct goals | hit fraction per goal | mean return | "
-        "entropy at probe states " + str(PROBE_STATES) + " |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"Probe states: {list(PROBE_STATES)}. Entropy columns: the policy's own estimate (S2AC closed form, "
+        f"SAC Monte Carlo; SQL and S2AC-amortized have none) / the k-NN estimate from {PROBE_ACTIONS} actions.",
+        "",
+        "| policy | seed | obstacle | distinct goals | hit fraction per goal | mean return | acting ms/step "
+        "| own entropy estimate | k-NN entropy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    fig, axes = plt.subplots(2, 2 * len(args.seeds), figsize=(5 * 2 * len(args.seeds), 10), squeeze=False)
+    runs = [(seed, algorithm) for algorithm in args.algorithms for seed in args.seeds]
+    labels = [
+        label
+        for algorithm in args.algorithms
+        for label in (("S2AC", "S2AC-amortized") if algorithm == "s2ac" else (algorithm.upper(),))
+    ]
+    columns = [(seed, obstacle) for seed in args.seeds for obstacle in (False, True)]
+    fig, axes = plt.subplots(len(labels), len(columns), figsize=(3.2 * len(columns), 3.2 * len(labels)), squeeze=False)
     land_fig, land_axes = plt.subplots(
-        2 * len(args.seeds), len(PROBE_STATES), figsize=(3 * len(PROBE_STATES), 6 * len(args.seeds)), squeeze=False
+        len(labels), len(PROBE_STATES), figsize=(2.6 * len(PROBE_STATES), 2.8 * len(labels)), squeeze=False
     )
     grid = torch.linspace(-1, 1, 61)
-    for column, (seed, algorithm) in enumerate((s, a) for s in args.seeds for a in args.algorithms):
-        _, agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
-        entropy, samples = probe_entropy_and_samples(agent, algorithm)
-        for row, obstacle in enumerate((False, True)):
-            result = test_episodes(agent.policy, args.layout, obstacle)
-            distinct = int((result["hits"] > 0).sum())
-            hits = ", ".join(f"{h:.2f}" for h in result["hits"].tolist())
-            report.append(
-                f"| {algorithm.upper()} | {seed} | {'yes' if obstacle else 'no'} | {distinct}/{len(goals)} | {hits} | "
-                f"{result['returns'].mean():.1f} | {', '.join(f'{e:.2f}' for e in entropy.tolist())} |"
-            )
-            ax = axes[row, column]
-            for path, alive in zip(result["paths"], result["alive"]):
-                steps = int(alive.sum()) + 1
-                ax.plot(path[:steps, 0], path[:steps, 1], color="tab:blue", alpha=0.6, lw=1)
-            ax.scatter(*zip(*goals), color="tab:red", s=80, marker="*", zorder=3)
-            if obstacle:
-                ax.plot(*zip(*wall), color="k", lw=3)
-            ax.set_xlim(-7, 7)
-            ax.set_ylim(-7, 7)
-            ax.set_aspect("equal")
-            ax.set_title(f"{algorithm.upper()} seed {seed}{' + obstacle' if obstacle else ''}: {distinct} goals")
-        for k, state in enumerate(PROBE_STATES):
-            ax = land_axes[column, k]
-            ax.contourf(grid, grid, q_landscape(agent, algorithm, state, grid), levels=30, cmap="viridis")
-            ax.scatter(samples[k, :, 0], samples[k, :, 1], color="w", s=8, edgecolors="k", linewidths=0.3)
-            ax.set_title(f"{algorithm.upper()} s={state}\nH={entropy[k]:.2f}", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
+    summary: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+    probe_entropy: dict[str, list[float]] = {}
+    for seed, algorithm in runs:
+        agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
+        for label, policy in policies(agent, algorithm).items():
+            row = labels.index(label)
+            actions, own = probe_actions(agent, label)
+            knn = knn_entropy(actions.double())
+            probe_entropy.setdefault(label, []).append(knn.mean().item())
+            for obstacle in (False, True):
+                result = test_episodes(policy, args.layout, obstacle)
+                distinct = int((result["hits"] > 0).sum())
+                summary.setdefault((label, obstacle), []).append((distinct, result["returns"].mean().item()))
+                report.append(
+                    f"| {label} | {seed} | {'yes' if obstacle else 'no'} | {distinct}/{len(goals)} | "
+                    f"{fmt(result['hits'].tolist())} | {result['returns'].mean():.1f} | {result['ms_per_step']:.2f} | "
+                    f"{fmt(own.tolist()) if own is not None else '-'} | {fmt(knn.tolist())} |"
+                )
+                ax = axes[row, columns.index((seed, obstacle))]
+                for path, alive in zip(result["paths"], result["alive"]):
+                    steps = int(alive.sum()) + 1
+                    ax.plot(path[:steps, 0], path[:steps, 1], color="tab:blue", alpha=0.6, lw=1)
+                ax.scatter(*zip(*goals), color="tab:red", s=80, marker="*", zorder=3)
+                if obstacle:
+                    ax.plot(*zip(*wall), color="k", lw=3)
+                ax.set_xlim(-7, 7)
+                ax.set_ylim(-7, 7)
+                ax.set_aspect("equal")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"{label} s{seed}{' +wall' if obstacle else ''}: {distinct} goals", fontsize=9)
+            if seed != args.seeds[0]:
+                continue
+            for k, state in enumerate(PROBE_STATES):
+                ax = land_axes[row, k]
+                ax.contourf(grid, grid, q_landscape(agent, algorithm, state, grid), levels=30, cmap="viridis")
+                ax.scatter(actions[k, :100, 0], actions[k, :100, 1], color="w", s=8, edgecolors="k", linewidths=0.3)
+                ax.set_title(f"{label} s={state}\nk-NN H={knn[k]:.2f}", fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+    report += [
+        "",
+        f"## Summary over seeds {args.seeds} (mean ± std)",
+        "",
+        "| policy | obstacle | distinct goals | mean return | k-NN entropy, mean over probe states |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (label, obstacle), values in summary.items():
+        distinct, returns = np.array(values).T
+        entropy = np.array(probe_entropy[label])
+        report.append(
+            f"| {label} | {'yes' if obstacle else 'no'} | "
+            f"{distinct.mean():.2f} ± {distinct.std():.2f} / {len(goals)} | "
+            f"{returns.mean():.1f} ± {returns.std():.1f} | {entropy.mean():.2f} ± {entropy.std():.2f} |"
+        )
     fig.tight_layout()
-    fig.savefig(args.out / f"trajectories_{args.layout}.png", dpi=100)
+    fig.savefig(args.out / f"trajectories_{args.layout}.png", dpi=80)
     land_fig.tight_layout()
-    land_fig.savefig(args.out / f"landscape_{args.layout}.png", dpi=100)
+    land_fig.savefig(args.out / f"landscape_{args.layout}.png", dpi=80)
     (args.out / f"results_{args.layout}.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
 

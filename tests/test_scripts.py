@@ -31,6 +31,8 @@ TINY = [
 ]
 S2AC_TINY = ["network.init_cells=[32,32]", "s2ac.num_particles=4", "s2ac.num_steps=2"]
 SAC_TINY = ["network.actor_cells=[32,32]"]
+SQL_TINY = ["network.sampler_cells=[32,32]", "sql.num_particles=4", "sql.num_value_samples=4"]
+AMORTIZED = ["s2ac.amortized=true", "s2ac.train_selection=amortized"]
 
 
 def run(script, out, *overrides, timeout=300, check=True):
@@ -63,16 +65,27 @@ def buffer_length(state):
     return len(buffer)
 
 
-@pytest.mark.parametrize("script,extra", [("s2ac", S2AC_TINY), ("sac", SAC_TINY)])
+EXPECTED_METRICS = {
+    "s2ac": {"train/alpha", "train/entropy", "train/svgd_step_ratio"},
+    "sac": {"train/alpha", "train/entropy"},
+    "sql": {"train/svgd_norm"},
+}
+
+
+@pytest.mark.parametrize(
+    "script,extra",
+    [("s2ac", S2AC_TINY), ("s2ac", S2AC_TINY + AMORTIZED), ("sac", SAC_TINY), ("sql", SQL_TINY)],
+    ids=["s2ac", "s2ac-amortized", "sac", "sql"],
+)
 def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     out = tmp_path / script
     run(script, out, *TINY, *extra, "collector.total_frames=120")
     records = metrics(out)
     assert records[-1]["final"] == 1 and records[-1]["frames"] == 120
     keys = set().union(*records)
-    assert {"eval/return", "train/loss_actor", "train/loss_qvalue", "train/alpha", "train/entropy", "time/fps"} <= keys
-    if script == "s2ac":
-        assert "train/svgd_step_ratio" in keys
+    assert {"eval/return", "train/loss_actor", "train/loss_qvalue", "time/fps"} | EXPECTED_METRICS[script] <= keys
+    if "s2ac.amortized=true" in extra:
+        assert "train/loss_amortized" in keys
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     state = checkpoint_state(out)
@@ -167,17 +180,20 @@ def test_process_backend(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    "script,override,message",
     [
-        ("s2ac.num_particles=1", "s2ac.num_particles=1 must be >= 2"),
-        ("s2ac.step_size=0", "s2ac.step_size=0 must be > 0"),
-        ("env.name=NoSuchEnv-v0", "env.name='NoSuchEnv-v0' is not a registered"),
-        ("collector.frames_per_batch=0", "collector.frames_per_batch=0 must be > 0"),
-        ("optim.batch_size=5000", "optim.batch_size=5000 is larger than the data available"),
+        ("s2ac", "s2ac.num_particles=1", "s2ac.num_particles=1 must be >= 2"),
+        ("s2ac", "s2ac.step_size=0", "s2ac.step_size=0 must be > 0"),
+        ("s2ac", "s2ac.eval_selection=amortized", "s2ac.eval_selection=amortized needs s2ac.amortized=true"),
+        ("s2ac", "env.name=NoSuchEnv-v0", "env.name='NoSuchEnv-v0' is not a registered"),
+        ("s2ac", "collector.frames_per_batch=0", "collector.frames_per_batch=0 must be > 0"),
+        ("s2ac", "optim.batch_size=5000", "optim.batch_size=5000 is larger than the data available"),
+        ("sql", "sql.num_particles=1", "sql.num_particles=1 must be >= 2"),
+        ("sql", "sql.alpha=-1", "sql.alpha=-1 must be > 0"),
     ],
 )
-def test_bad_config_fails_with_one_clear_line(tmp_path, override, message):
-    result = run("s2ac", tmp_path / "bad", override, check=False, timeout=120)
+def test_bad_config_fails_with_one_clear_line(tmp_path, script, override, message):
+    result = run(script, tmp_path / "bad", override, check=False, timeout=120)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Invalid configuration:") and message in last_line

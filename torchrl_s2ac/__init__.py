@@ -9,7 +9,7 @@ from torchrl_s2ac.stein import (
     stein_trace,
     svgd_direction,
 )
-from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
+from torchrl_s2ac.distributions import TanhSquash, knn_entropy, sample_truncated_normal
 from torchrl_s2ac.modules import AmortizedSample, AmortizedSampler, ParticleSample, SoftQCritic, SVGDActor, SVGDPolicy
 from torchrl_s2ac.objectives import S2ACLoss, SoftQLoss, SQLLoss
 
@@ -25,6 +25,7 @@ __all__ = [
     "stein_trace",
     "svgd_direction",
     "TanhSquash",
+    "knn_entropy",
     "sample_truncated_normal",
     "AmortizedSample",
     "AmortizedSampler",

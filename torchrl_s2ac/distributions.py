@@ -1,5 +1,6 @@
-r"""The two densities around the SVGD sampler: the initial truncated normal
-:math:`q^0` and the tanh squash onto the action box.
+r"""The densities around the samplers: the initial truncated normal :math:`q^0`,
+the tanh squash onto the action box, and a sample-based entropy estimate for
+policies without a density (SQL's implicit sampler).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torchrl.modules.distributions.truncated_normal import TruncatedStandardNormal
 
-__all__ = ["sample_truncated_normal", "TanhSquash"]
+__all__ = ["sample_truncated_normal", "TanhSquash", "knn_entropy"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,3 +76,24 @@ class TanhSquash(nn.Module):
         r""":math:`\sum_d \log|\partial a_d / \partial u_d|`, reduced over the last dim."""
         log_dtanh = 2 * (math.log(2) - u - torch.nn.functional.softplus(-2 * u))
         return (self.scale.log() + log_dtanh).sum(-1)
+
+
+def knn_entropy(samples: torch.Tensor, k: int = 3) -> torch.Tensor:
+    r"""Kozachenko-Leonenko :math:`k`-nearest-neighbour entropy estimate from samples ``[*batch, n, d]``.
+
+    .. math::
+        \hat H = \psi(n) - \psi(k) + \log V_d + \frac{d}{n}\sum_{i=1}^n \log r_{i,k},
+        \qquad V_d = \frac{\pi^{d/2}}{\Gamma(d/2 + 1)},
+
+    with :math:`r_{i,k}` the distance from sample :math:`i` to its :math:`k`-th nearest other
+    sample. Consistent for any density; needs no density model. Returns ``[*batch]``.
+    """
+    n, d = samples.shape[-2:]
+    if not 1 <= k < n:
+        raise ValueError(f"knn_entropy: k must be in [1, n) with n={n} samples, got k={k}.")
+    distances = torch.cdist(samples, samples)
+    distances = distances + torch.diag(torch.full((n,), math.inf, dtype=samples.dtype, device=samples.device))
+    radius = distances.kthvalue(k, dim=-1).values.clamp_min(torch.finfo(samples.dtype).tiny)
+    log_unit_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    digamma = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64))
+    return (digamma[0] - digamma[1]).item() + log_unit_ball + d * radius.log().mean(-1)
