@@ -26,7 +26,16 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate
 
-from torchrl_s2ac import RBFKernel, S2ACLoss, SoftQCritic, SteinEntropy, SVGDActor, sample_truncated_normal
+from torchrl_s2ac import (
+    AmortizedSampler,
+    RBFKernel,
+    S2ACLoss,
+    SoftQCritic,
+    SQLLoss,
+    SteinEntropy,
+    SVGDActor,
+    sample_truncated_normal,
+)
 
 SHAPES = {"Hopper-v5": (11, 3), "HalfCheetah-v5": (17, 6)}
 
@@ -82,20 +91,30 @@ def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
     )
 
 
-def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile=False):
+def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile=False, amortized=False):
     critic = SoftQCritic(obs_dim, act_dim)
+    spec = Bounded(-1.0, 1.0, (act_dim,))
     actor = SVGDActor(
-        Bounded(-1.0, 1.0, (act_dim,)),
+        spec,
         critic,
         num_particles=m,
         num_steps=steps,
         max_step_ratio=0.5,
         warn_ratio=None,
         compile=compile,
+        amortized_sampler=AmortizedSampler(spec, obs_dim) if amortized else None,
+        train_selection="amortized" if amortized else "random",
     )
     loss = S2ACLoss(actor)
     loss.make_value_estimator(gamma=0.99)
     return actor, loss
+
+
+def sql_agent(obs_dim, act_dim):
+    sampler = AmortizedSampler(Bounded(-1.0, 1.0, (act_dim,)), obs_dim)
+    loss = SQLLoss(sampler, SoftQCritic(obs_dim, act_dim, num_qvalue_nets=1))
+    loss.make_value_estimator(gamma=0.99)
+    return sampler, loss
 
 
 def sac_agent(obs_dim, act_dim):
@@ -127,7 +146,7 @@ def update_fn(loss, data):
 
     def update():
         out = loss(data)
-        (out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]).backward()
+        sum(value for key, value in out.items() if key.startswith("loss_")).backward()
         optimizer.step()
         optimizer.zero_grad()
         updater.step()
@@ -207,11 +226,31 @@ def main() -> None:
             f"{times['sac']:.1f} | {1000 / times['sac']:.0f} | {times['s2ac'] / times['sac']:.1f}x |"
         )
 
-    # Acting.
+    # The amortized sampler's training cost, and the SQL baseline, on the same data.
     obs_dim, act_dim = SHAPES["Hopper-v5"]
-    s2ac_actor, _ = s2ac_agent(obs_dim, act_dim)
+    s2ac_actor, s2ac_loss = s2ac_agent(obs_dim, act_dim)
+    amortized_actor, amortized_loss = s2ac_agent(obs_dim, act_dim, amortized=True)
+    sql_sampler, sql_loss = sql_agent(obs_dim, act_dim)
+    sac_actor, sac_loss = sac_agent(obs_dim, act_dim)
+    data = transitions(100, obs_dim, act_dim)
+    variants = {
+        "S2AC": s2ac_loss,
+        "S2AC + amortized sampler": amortized_loss,
+        "SQL (K = 16, M = 16, one Q)": sql_loss,
+        "SAC": sac_loss,
+    }
+    times = interleaved_ms({name: update_fn(loss, data) for name, loss in variants.items()}, repeats)
+    lines += [
+        "",
+        "## Update cost of the variants (Hopper-v5 shapes, batch 100, interleaved)",
+        "",
+        "| loss | ms / update | updates/s |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {ms:.1f} | {1000 / ms:.0f} |" for name, ms in times.items()),
+    ]
+
+    # Acting.
     compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile=True)
-    sac_actor, _ = sac_agent(obs_dim, act_dim)
     lines += [
         "",
         "## Acting (Hopper-v5 shapes), actions per second",
@@ -224,6 +263,8 @@ def main() -> None:
         ("S2AC", s2ac_actor, ExplorationType.DETERMINISTIC),
         ("S2AC, compile=True", compiled_actor, ExplorationType.RANDOM),
         ("S2AC, compile=True", compiled_actor, ExplorationType.DETERMINISTIC),
+        ("S2AC-amortized (one network pass)", amortized_actor, ExplorationType.RANDOM),
+        ("SQL (one network pass)", sql_sampler, ExplorationType.RANDOM),
         ("SAC", sac_actor, ExplorationType.RANDOM),
     ):
         with set_exploration_type(exploration):
