@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy compare clean
+.PHONY: setup train test docs bench entropy compare multigoal clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: $(STAMP)
 
 entropy: $(STAMP)
 	$(PY) sota-implementations/entropy_validation.py --out results/entropy
+
+multigoal: $(STAMP)
+	for layout in three_goals four_goals; do \
+		$(PY) sota-implementations/multigoal.py --layout $$layout --seeds 0 1 2 --frames 5000 || exit 1; \
+	done
 
 compare: $(STAMP)
 	$(PY) sota-implementations/compare.py --env hopper --frames 30000 --eval-every 2500 --threads 2 \
