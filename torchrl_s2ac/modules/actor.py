@@ -285,9 +285,11 @@ class SVGDActor(TensorDictModuleBase):
         log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles) if with_log_prob else None
         return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale, noise)
 
+    def _exploring(self) -> bool:
+        return (exploration_type() or self.default_exploration) == ExplorationType.RANDOM
+
     def _selection(self) -> str:
-        current = exploration_type() or self.default_exploration
-        return self.train_selection if current == ExplorationType.RANDOM else self.eval_selection
+        return self.train_selection if self._exploring() else self.eval_selection
 
     def select(self, observation: torch.Tensor, sample: ParticleSample, selection: str) -> torch.Tensor:
         """Index ``[*batch]`` of the particle to act with."""
@@ -305,7 +307,7 @@ class SVGDActor(TensorDictModuleBase):
         observation = tensordict.get(self.in_keys[0])
         selection = self._selection()
         if selection == "amortized":
-            tensordict.set(self.out_keys[0], self.amortized_sampler.act(observation))
+            tensordict.set(self.out_keys[0], self.amortized_sampler.act(observation, explore=self._exploring()))
             return tensordict
         sample = self._acting_sample(observation)
         index = self.select(observation, sample, selection)

@@ -125,9 +125,14 @@ class AmortizedSampler(TensorDictModuleBase):
         unsquashed = self.transport(observation, noise)
         return AmortizedSample(self.squash(unsquashed), unsquashed, noise)
 
-    def act(self, observation: torch.Tensor) -> torch.Tensor:
-        r"""One action per state, ``[*batch, d]``: random :math:`\xi` when exploring, :math:`\xi = 0` otherwise."""
-        if (exploration_type() or ExplorationType.DETERMINISTIC) == ExplorationType.RANDOM:
+    def act(self, observation: torch.Tensor, explore: bool | None = None) -> torch.Tensor:
+        r"""One action per state, ``[*batch, d]``: random :math:`\xi` when exploring, :math:`\xi = 0` otherwise.
+
+        ``explore=None`` reads the current exploration type (``RANDOM`` explores).
+        """
+        if explore is None:
+            explore = exploration_type() == ExplorationType.RANDOM
+        if explore:
             noise = self.draw_noise(observation, 1)
         else:
             noise = observation.new_zeros(*observation.shape[:-1], 1, self.action_dim)
