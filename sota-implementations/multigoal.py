@@ -210,6 +210,7 @@ def main() -> None:
     for seed, algorithm in runs:
         agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
         for label, policy in policies(agent, algorithm).items():
+            torch.manual_seed(seed)  # the same test noise on every report of this run
             row = labels.index(label)
             actions, own = probe_actions(agent, label)
             knn = knn_entropy(actions.double())
