@@ -1,9 +1,9 @@
-"""Run S2AC and SAC on the same task and budget, then draw their learning curves.
+"""Run S2AC, SAC (and SQL) on the same task and budget, then draw their learning curves.
 
     python sota-implementations/compare.py --env hopper --frames 40000 --seeds 0 --out results/hopper
 
-Each run is the ordinary training script (s2ac.py / sac.py) with the same
-overrides; the two algorithms run side by side, one torch thread each. Runs
+Each run is the ordinary training script (s2ac.py / sac.py / sql.py) with the same
+overrides; the algorithms run side by side (``--algorithms``, default S2AC and SAC). Runs
 already finished in ``--out`` are reused (``--plot-only`` skips training).
 Writes ``curves.png`` and ``results.md`` (final evaluation return and
 wall-clock time per run) into ``--out``.
@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
-ALGORITHMS = ("s2ac", "sac")
+ALGORITHMS = ("s2ac", "sac", "sql")
+COLORS = {"s2ac": "tab:red", "sac": "tab:blue", "sql": "tab:green"}
 
 
 def run_dir(out: Path, algorithm: str, seed: int) -> Path:
@@ -65,7 +66,8 @@ def read(directory: Path) -> list[dict]:
 def plot_and_tabulate(args) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = []
-    for algorithm, color in zip(ALGORITHMS, ("tab:red", "tab:blue")):
+    for algorithm in args.algorithms:
+        color = COLORS[algorithm]
         for seed in args.seeds:
             records = read(run_dir(args.out, algorithm, seed))
             if not records:
@@ -101,7 +103,7 @@ def plot_and_tabulate(args) -> None:
         "| --- | --- | --- | --- | --- |",
         *[f"| {a} | {s} | {f} | {r:.1f} ± {sd:.1f} | {t:.1f} |" for a, s, f, r, sd, t in rows],
     ]
-    for algorithm in ALGORITHMS:
+    for algorithm in args.algorithms:
         finals = [r[3] for r in rows if r[0] == algorithm.upper()]
         if len(finals) > 1:
             lines.append(
@@ -120,13 +122,14 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/hopper"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--algorithms", nargs="+", default=["s2ac", "sac"], choices=ALGORITHMS)
     parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for both scripts")
+    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every script")
     args = parser.parse_args()
     args.out = args.out.resolve()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
-        harness.train_side_by_side(functools.partial(launch, args), ALGORITHMS, args.seeds, args.out / "runs")
+        harness.train_side_by_side(functools.partial(launch, args), args.algorithms, args.seeds, args.out / "runs")
     plot_and_tabulate(args)
 
 
