@@ -51,6 +51,8 @@ from torchrl.objectives import LossModule, SoftUpdate, group_optimizers
 from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
+from torchrl_s2ac import SoftQCritic
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any work starts."""
@@ -476,6 +478,18 @@ def train_side_by_side(launch: Callable, algorithms, seeds, log_dir: Path) -> No
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"a training run failed (exit codes {codes}); see {log_dir}/*.log")
+
+
+def make_critic(cfg: DictConfig, env: EnvBase) -> SoftQCritic:
+    """The soft Q ensemble of S2AC and SQL, from ``network.critic_cells``, ``activation``, ``num_qvalue_nets``."""
+    net = cfg.network
+    return SoftQCritic(
+        env.observation_spec["observation"].shape[-1],
+        env.action_spec.shape[-1],
+        num_cells=net.critic_cells,
+        activation_class=activation(cfg),
+        num_qvalue_nets=net.num_qvalue_nets,
+    )
 
 
 ACTIVATIONS = {"elu": torch.nn.ELU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import harness
-from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SoftQCritic, SVGDActor, SVGDPolicy
+from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor, SVGDPolicy
 
 
 def validate(cfg: DictConfig) -> None:
@@ -37,13 +37,7 @@ def validate(cfg: DictConfig) -> None:
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
     s, net = cfg.s2ac, cfg.network
     obs_dim = env.observation_spec["observation"].shape[-1]
-    critic = SoftQCritic(
-        obs_dim,
-        env.action_spec.shape[-1],
-        num_cells=net.critic_cells,
-        activation_class=harness.activation(cfg),
-        num_qvalue_nets=net.num_qvalue_nets,
-    )
+    critic = harness.make_critic(cfg, env)
     sampler = None
     if s.get("amortized", False):  # absent from configs saved before the option existed
         sampler = AmortizedSampler(

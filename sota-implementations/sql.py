@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import harness
-from torchrl_s2ac import AmortizedSampler, RBFKernel, SoftQCritic, SQLLoss
+from torchrl_s2ac import AmortizedSampler, RBFKernel, SQLLoss
 
 
 def validate(cfg: DictConfig) -> None:
@@ -30,13 +30,7 @@ def validate(cfg: DictConfig) -> None:
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
     s, net = cfg.sql, cfg.network
     obs_dim = env.observation_spec["observation"].shape[-1]
-    critic = SoftQCritic(
-        obs_dim,
-        env.action_spec.shape[-1],
-        num_cells=net.critic_cells,
-        activation_class=harness.activation(cfg),
-        num_qvalue_nets=net.num_qvalue_nets,
-    )
+    critic = harness.make_critic(cfg, env)
     sampler = AmortizedSampler(
         env.action_spec, obs_dim, num_cells=net.sampler_cells, activation_class=harness.activation(cfg)
     )

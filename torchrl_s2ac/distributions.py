@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torchrl.data import Bounded
 from torchrl.modules.distributions.truncated_normal import TruncatedStandardNormal
 
 __all__ = ["sample_truncated_normal", "TanhSquash", "knn_entropy"]
@@ -68,6 +69,18 @@ class TanhSquash(nn.Module):
         super().__init__()
         self.register_buffer("loc", (high + low) / 2)
         self.register_buffer("scale", (high - low) / 2)
+
+    @classmethod
+    def from_action_spec(cls, action_spec, owner: str) -> "TanhSquash":
+        """The squash onto a :class:`torchrl.data.Bounded` spec's box (default dtype); ``owner`` names the caller
+        in the error raised for any other spec."""
+        space = getattr(action_spec, "space", None)
+        if not isinstance(action_spec, Bounded) or space is None:
+            raise ValueError(
+                f"{owner} needs a bounded action spec (torchrl.data.Bounded), got {type(action_spec).__name__}."
+            )
+        dtype = torch.get_default_dtype()
+        return cls(space.low.to(dtype), space.high.to(dtype))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.loc + self.scale * torch.tanh(u)

@@ -9,7 +9,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
-from torchrl.data import Bounded, TensorSpec
+from torchrl.data import TensorSpec
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
@@ -159,11 +159,7 @@ class SVGDActor(TensorDictModuleBase):
             raise TypeError(
                 f"SVGDActor: amortized_sampler must be an AmortizedSampler, got {type(amortized_sampler).__name__}."
             )
-        space = getattr(action_spec, "space", None)
-        if not isinstance(action_spec, Bounded) or space is None:
-            raise ValueError(
-                f"SVGDActor needs a bounded action spec (torchrl.data.Bounded), got {type(action_spec).__name__}."
-            )
+        squash = TanhSquash.from_action_spec(action_spec, "SVGDActor")
         if critic.action_dim != action_spec.shape[-1]:
             raise ValueError(
                 f"SVGDActor: critic.action_dim={critic.action_dim} does not match the action spec's "
@@ -185,8 +181,7 @@ class SVGDActor(TensorDictModuleBase):
         self.train_selection, self.eval_selection = train_selection, eval_selection
         self.default_exploration = default_exploration
         self.log_std_bounds, self.std_bounds = log_std_bounds, std_bounds
-        dtype = torch.get_default_dtype()
-        self.squash = TanhSquash(space.low.to(dtype), space.high.to(dtype))
+        self.squash = squash
         self.stein = SteinEntropy(
             kernel if kernel is not None else RBFKernel(),
             step_size,

@@ -15,7 +15,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
-from torchrl.data import Bounded, TensorSpec
+from torchrl.data import TensorSpec
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
@@ -72,12 +72,7 @@ class AmortizedSampler(TensorDictModuleBase):
         out_keys: Sequence[NestedKey] = ("action",),
     ) -> None:
         super().__init__()
-        space = getattr(action_spec, "space", None)
-        if not isinstance(action_spec, Bounded) or space is None:
-            raise ValueError(
-                "AmortizedSampler needs a bounded action spec (torchrl.data.Bounded), "
-                f"got {type(action_spec).__name__}."
-            )
+        squash = TanhSquash.from_action_spec(action_spec, "AmortizedSampler")
         if len(in_keys) != 1 or len(out_keys) != 1:
             raise ValueError(f"AmortizedSampler: expects 1 in_key and 1 out_key, got {in_keys} and {out_keys}.")
         if not noise_bound > 0:
@@ -85,8 +80,7 @@ class AmortizedSampler(TensorDictModuleBase):
         self.in_keys, self.out_keys = list(in_keys), list(out_keys)
         self.observation_dim, self.action_dim = observation_dim, action_spec.shape[-1]
         self.noise_bound = noise_bound
-        dtype = torch.get_default_dtype()
-        self.squash = TanhSquash(space.low.to(dtype), space.high.to(dtype))
+        self.squash = squash
         self.network = (
             network
             if network is not None
