@@ -207,6 +207,8 @@ def main() -> None:
     grid = torch.linspace(-1, 1, 61)
     summary: dict[tuple[str, bool], list[tuple[int, float]]] = {}
     probe_entropy: dict[str, list[float]] = {}
+    estimate_gap: dict[str, list[torch.Tensor]] = {}  # own estimate - k-NN, per probe state and run
+    init_std: list[str] = []
     for seed, algorithm in runs:
         agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
         for label, policy in policies(agent, algorithm).items():
@@ -215,6 +217,11 @@ def main() -> None:
             actions, own = probe_actions(agent, label)
             knn = knn_entropy(actions.double())
             probe_entropy.setdefault(label, []).append(knn.mean().item())
+            if own is not None:
+                estimate_gap.setdefault(label, []).append(own - knn)
+            if label == "S2AC":
+                _, scale = agent.policy.actor.init_distribution(torch.tensor(PROBE_STATES))
+                init_std.append(f"seed {seed}: {scale.min():.2f}-{scale.max():.2f}")
             for obstacle in (False, True):
                 result = test_episodes(policy, args.layout, obstacle)
                 distinct = int((result["hits"] > 0).sum())
@@ -261,6 +268,15 @@ def main() -> None:
             f"{distinct.mean():.2f} ± {distinct.std():.2f} / {len(goals)} | "
             f"{returns.mean():.1f} ± {returns.std():.1f} | {entropy.mean():.2f} ± {entropy.std():.2f} |"
         )
+    report.append("")
+    for label, gaps in estimate_gap.items():
+        gap = torch.cat(gaps)
+        report.append(
+            f"- {label}: own entropy estimate minus k-NN estimate over probe states and seeds: mean {gap.mean():.2f}, "
+            f"range {gap.min():.2f} to {gap.max():.2f} nats."
+        )
+    if init_std:
+        report.append(f"- S2AC q0 standard deviation at the probe states (min-max): {'; '.join(init_std)}.")
     fig.tight_layout()
     fig.savefig(args.out / f"trajectories_{args.layout}.png", dpi=80)
     land_fig.tight_layout()
