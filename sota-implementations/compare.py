@@ -42,7 +42,7 @@ def launch(args, algorithm: str, seed: int) -> subprocess.Popen | None:
         return None
     overrides = [
         f"env={args.env}",
-        f"env.seed={seed}",
+        f"seed={seed}",
         f"collector.total_frames={args.frames}",
         f"logger.eval_every_frames={args.eval_every}",
         f"logger.eval_episodes={args.eval_episodes}",

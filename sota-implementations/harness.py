@@ -26,6 +26,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tqdm
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
@@ -60,13 +62,15 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class Agent:
-    """What an algorithm script hands to the harness."""
+    """What an algorithm script hands to the harness.
+
+    The update minimises the sum of every ``loss_*`` entry the loss returns; every other
+    scalar entry (alpha, entropy, diagnostics) is logged as ``train/<name>``.
+    """
 
     loss: LossModule
     policy: TensorDictModuleBase  # acts in the collector (exploration) and in evaluation (deterministic)
-    optimizers: list[torch.optim.Optimizer]
-    loss_keys: tuple[str, ...] = ("loss_actor", "loss_qvalue", "loss_alpha")
-    metric_keys: tuple[str, ...] = ("alpha", "entropy")
+    optimizers: dict[str, torch.optim.Optimizer]  # by what they train ("critic", "actor", ...): grad norms are logged so
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frame
         collector = Collector(
             [env_fn] * c.num_workers, policy, backend=c.backend, num_collectors=c.num_workers, sync=True, **kwargs
         )
-    collector.set_seed(cfg.env.seed)
+    collector.set_seed(cfg.seed)
     return collector
 
 
@@ -202,15 +206,24 @@ def make_replay_buffer(cfg: DictConfig) -> TensorDictReplayBuffer:
     return TensorDictReplayBuffer(storage=storage, batch_size=cfg.optim.batch_size)
 
 
+def sweep_name() -> str | None:
+    """``<algorithm>/<env>/<time>`` of the hydra multirun sweep this run belongs to (``None`` for a single run)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "/".join(Path(HydraConfig.get().runtime.output_dir).parent.parts[-3:])
+
+
 def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
+    """A TorchRL logger; with W&B, the runs of one sweep share a group and carry algorithm, env and seed as tags."""
     if not cfg.logger.backend:
         return None
     name = run_id or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     wandb_kwargs = {
         "mode": cfg.logger.mode,
         "project": cfg.logger.project_name,
-        "group": cfg.logger.group_name,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "group": cfg.logger.group_name or sweep_name(),
+        "tags": [algorithm, cfg.env.name, f"seed={cfg.seed}"],
+        "config": {"algorithm": algorithm, **OmegaConf.to_container(cfg, resolve=True)},
         "id": name,
         "resume": "allow",
         "dir": os.getcwd(),
@@ -218,19 +231,25 @@ def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
     return get_logger(cfg.logger.backend, logger_name=os.getcwd(), experiment_name=name, wandb_kwargs=wandb_kwargs)
 
 
-def make_optimizers(cfg: DictConfig, loss: LossModule) -> list[torch.optim.Optimizer]:
-    """Adam on the actor, the critic and (when learned) the temperature."""
+def make_optimizers(cfg: DictConfig, loss: LossModule) -> dict[str, torch.optim.Optimizer]:
+    """Adam on the critic, the actor and (when learned) the temperature."""
     optim = cfg.optim
 
     def trainable(params):
         return [p for p in params.values(True, True) if p.requires_grad]
 
-    optimizers = [torch.optim.Adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)]
+    optimizers = {"critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)}
     if trainable(loss.actor_network_params):  # a fixed q0 has nothing to train
-        optimizers.append(torch.optim.Adam(trainable(loss.actor_network_params), lr=optim.lr_actor))
+        optimizers["actor"] = torch.optim.Adam(trainable(loss.actor_network_params), lr=optim.lr_actor)
     if isinstance(getattr(loss, "log_alpha", None), torch.nn.Parameter):
-        optimizers.append(torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha))
+        optimizers["alpha"] = torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha)
     return optimizers
+
+
+def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """L2 norm of the gradients of every parameter ``optimizer`` trains (a tensor: no host sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +299,7 @@ def save_checkpoint(path: Path, agent: Agent, replay_buffer, state: dict) -> Non
     torch.save(
         {
             "loss": agent.loss.state_dict(),
-            "optimizers": [opt.state_dict() for opt in agent.optimizers],
+            "optimizers": {name: opt.state_dict() for name, opt in agent.optimizers.items()},
             "state": state,
             "buffer_dir": str(buffer_dir),
             "rng": {
@@ -297,8 +316,8 @@ def save_checkpoint(path: Path, agent: Agent, replay_buffer, state: dict) -> Non
 def load_checkpoint(path: Path, agent: Agent, replay_buffer) -> dict:
     checkpoint = torch.load(path, weights_only=False)
     agent.loss.load_state_dict(checkpoint["loss"])
-    for opt, opt_state in zip(agent.optimizers, checkpoint["optimizers"]):
-        opt.load_state_dict(opt_state)
+    for name, opt in agent.optimizers.items():
+        opt.load_state_dict(checkpoint["optimizers"][name])
     replay_buffer.loads(checkpoint["buffer_dir"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     np.random.set_state(checkpoint["rng"]["numpy"])
@@ -332,11 +351,10 @@ class StopRequest:
 
 def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, EnvBase], Agent]) -> dict:
     """Collect, store, update, evaluate, log and checkpoint until ``collector.total_frames``."""
-    torch.manual_seed(cfg.env.seed)
-    np.random.seed(cfg.env.seed)
-    random.seed(cfg.env.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    torch.set_num_threads(num_threads(cfg))
 
     agent = make_agent(cfg, env_specs(cfg))
     replay_buffer = make_replay_buffer(cfg)
@@ -353,12 +371,15 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     logger = make_logger(cfg, algorithm, state["run_id"])
     state["run_id"] = getattr(getattr(logger, "experiment", None), "id", None) or state["run_id"]
     target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
-    optimizer = group_optimizers(*agent.optimizers)
+    optimizer = group_optimizers(*agent.optimizers.values())
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def update(batch: TensorDict) -> TensorDict:
+        """One gradient step on the sum of every ``loss_*``; returns the loss's scalars and the gradient norms."""
         loss_td = agent.loss(batch)
-        sum(loss_td[key] for key in agent.loss_keys).backward()
+        sum(value for key, value in loss_td.items() if key.startswith("loss_")).backward()
+        for name, opt in agent.optimizers.items():  # before clipping: what the loss asked for
+            loss_td[f"grad_norm_{name}"] = grad_norm(opt)
         if cfg.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
         optimizer.step()
@@ -409,12 +430,11 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
             if state["frames"] >= cfg.collector.learning_starts:
                 num_updates = max(1, round(data.numel() * cfg.optim.utd_ratio))
                 with timeit("update"):
-                    for _ in range(num_updates):
-                        loss_td = update(replay_buffer.sample())
-                        state["updates"] += 1
-                for key in (*agent.loss_keys, *agent.metric_keys):
-                    if key in loss_td.keys():
-                        window.setdefault(f"train/{key}", []).append(loss_td[key].item())
+                    batch_metrics = torch.stack([update(replay_buffer.sample()) for _ in range(num_updates)])
+                state["updates"] += num_updates
+                for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
+                    if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
+                        window.setdefault(f"train/{key}", []).append(value.float().mean().item())
             metrics = {}
             if state["frames"] >= state["next_eval"]:
                 with timeit("eval"):
@@ -490,6 +510,17 @@ def make_critic(cfg: DictConfig, env: EnvBase) -> SoftQCritic:
         activation_class=activation(cfg),
         num_qvalue_nets=net.num_qvalue_nets,
     )
+
+
+def num_threads(cfg: DictConfig) -> int:
+    """``cfg.num_threads``, or when 0 the cores divided among the runs a local sweep runs at once."""
+    if cfg.num_threads:
+        return cfg.num_threads
+    parallel_runs = 1
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        parallel_runs = HydraConfig.get().launcher.get("n_jobs", 1) or 1
+        parallel_runs = os.cpu_count() if parallel_runs < 0 else parallel_runs  # joblib: -1 = one per core
+    return max(1, (os.cpu_count() or 1) // parallel_runs)
 
 
 ACTIVATIONS = {"elu": torch.nn.ELU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}

@@ -81,7 +81,7 @@ def train(args, algorithm, seed) -> subprocess.Popen | None:
         *COMMON,
         *PRESETS[algorithm],
         f"env.layout={args.layout}",
-        f"env.seed={seed}",
+        f"seed={seed}",
         f"collector.total_frames={args.frames}",
         f"hydra.run.dir={directory}",
         *args.overrides,

@@ -66,8 +66,6 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         loss=loss,
         policy=SVGDPolicy(actor),
         optimizers=harness.make_optimizers(cfg, loss),
-        loss_keys=("loss_actor", "loss_qvalue", "loss_alpha", "loss_amortized"),
-        metric_keys=("alpha", "entropy", "svgd_step_ratio"),
     )
 
 

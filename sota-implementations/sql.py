@@ -47,8 +47,6 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         loss=loss,
         policy=sampler,
         optimizers=harness.make_optimizers(cfg, loss),
-        loss_keys=("loss_actor", "loss_qvalue"),
-        metric_keys=("svgd_norm",),
     )
 
 

@@ -58,11 +58,14 @@ class SteinOutput(NamedTuple):
             (over states and particles) displacement :math:`\\epsilon\\|\\phi(u_i)\\|`
             actually taken, divided by the kernel length scale :math:`\\sqrt h`.
             The change of variables needs it well below 1.
+        capped_fraction: per SVGD step, ``[L]``: the fraction of states whose step size
+            ``max_step_ratio`` shortened (zeros without a cap).
     """
 
     particles: torch.Tensor
     log_prob: torch.Tensor
     step_ratio: torch.Tensor
+    capped_fraction: torch.Tensor
 
 
 def score(log_density: LogDensity, particles: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -269,7 +272,7 @@ class SteinEntropy(nn.Module):
         if not create_graph:
             particles = particles.detach()
             log_q0 = log_q0.detach() if track_density else None
-        log_q, ratios = log_q0, []
+        log_q, ratios, capped = log_q0, [], []
         for step in range(self.num_steps):
             grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
             if grad.shape != particles.shape:
@@ -284,6 +287,9 @@ class SteinEntropy(nn.Module):
             if self.max_step_ratio is not None:
                 shrink = (self.max_step_ratio / ratio).clamp(max=1.0)
                 step_size, ratio = step_size * shrink, ratio * shrink
+                capped.append((shrink < 1).float().mean() if shrink.numel() else shrink.new_zeros(()))
+            else:
+                capped.append(ratio.new_zeros(()))
             if track_density:
                 if self.exact:
                     log_det = exact_log_det(kernel, particles, grad, step_size)
@@ -302,6 +308,7 @@ class SteinEntropy(nn.Module):
                 self._raise_if_not_finite(step, **checked)
             ratios.append(ratio.max() if ratio.numel() else ratio.new_zeros(()))
         step_ratio = torch.stack(ratios) if ratios else particles.new_zeros(0)
+        capped_fraction = torch.stack(capped) if capped else particles.new_zeros(0)
         if self.warn_ratio is not None and step_ratio.numel() and step_ratio.max() > self.warn_ratio:
             warnings.warn(
                 f"SVGD invertibility condition violated: a step moved a particle by "
@@ -309,4 +316,4 @@ class SteinEntropy(nn.Module):
                 "the closed-form log-density is unreliable. Reduce step_size or set max_step_ratio.",
                 stacklevel=2,
             )
-        return SteinOutput(particles, log_q, step_ratio)
+        return SteinOutput(particles, log_q, step_ratio, capped_fraction)

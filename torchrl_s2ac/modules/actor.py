@@ -33,6 +33,8 @@ class ParticleSample(NamedTuple):
         step_ratio: invertibility diagnostic per SVGD step, ``[L]``
             (see :class:`~torchrl_s2ac.SteinOutput`).
         init_scale: the :math:`q^0` standard deviation :math:`\\sigma_\\theta(s)`, ``[*batch, d]``.
+        capped_fraction: per SVGD step, the fraction of states whose step the step-ratio cap
+            shortened, ``[L]`` (see :class:`~torchrl_s2ac.SteinOutput`).
         noise: the standardized initial draws :math:`\\xi_i = (u_i^0 - \\mu_\\theta(s)) / \\sigma_\\theta(s)`,
             ``[*batch, m, d]``, detached (what an amortized sampler is conditioned on).
     """
@@ -42,6 +44,7 @@ class ParticleSample(NamedTuple):
     step_ratio: torch.Tensor
     init_scale: torch.Tensor
     noise: torch.Tensor
+    capped_fraction: torch.Tensor
 
 
 class SVGDActor(TensorDictModuleBase):
@@ -278,7 +281,7 @@ class SVGDActor(TensorDictModuleBase):
         else:
             out = self.stein.sample(log_density, particles, log_q0)
         log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles) if with_log_prob else None
-        return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale, noise)
+        return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale, noise, out.capped_fraction)
 
     def _exploring(self) -> bool:
         return (exploration_type() or self.default_exploration) == ExplorationType.RANDOM

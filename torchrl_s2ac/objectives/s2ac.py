@@ -61,8 +61,12 @@ class S2ACLoss(SoftQLoss):
 
     The output TensorDict holds ``loss_actor``, ``loss_qvalue``, ``loss_alpha``,
     ``loss_amortized`` (zero without an amortized sampler), ``alpha``, ``entropy`` (mean closed-form
-    entropy estimate over the batch) and ``svgd_step_ratio`` (the largest invertibility diagnostic
-    of the actor's sampler).
+    entropy estimate over the batch) and diagnostics of the actor-loss sample: ``svgd_step_ratio``
+    (the largest invertibility diagnostic), ``svgd_capped_fraction`` (fraction of states whose step
+    the cap shortened, mean over steps), ``init_scale_mean`` / ``init_scale_min`` (:math:`q^0`'s
+    :math:`\sigma_\theta(s)` over the batch and action dims), ``q_mean`` (mean of
+    :math:`\min_k Q_k(s, a_i)`) and ``q_spread`` (mean over states of its standard deviation over the
+    :math:`m` particles: the scale of the energy differences SVGD sees, to compare with :math:`\alpha`).
     """
 
     actor_network: SVGDActor
@@ -127,7 +131,20 @@ class S2ACLoss(SoftQLoss):
 
     @property
     def out_keys(self):
-        return ["loss_actor", "loss_qvalue", "loss_alpha", "loss_amortized", "alpha", "entropy", "svgd_step_ratio"]
+        return [
+            "loss_actor",
+            "loss_qvalue",
+            "loss_alpha",
+            "loss_amortized",
+            "alpha",
+            "entropy",
+            "svgd_step_ratio",
+            "svgd_capped_fraction",
+            "init_scale_mean",
+            "init_scale_min",
+            "q_mean",
+            "q_spread",
+        ]
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -146,6 +163,11 @@ class S2ACLoss(SoftQLoss):
                 "alpha": self._alpha,
                 "entropy": -actor_metadata["log_prob"].mean(),
                 "svgd_step_ratio": actor_metadata["step_ratio"].max(),
+                "svgd_capped_fraction": actor_metadata["sample"].capped_fraction.mean(),
+                "init_scale_mean": actor_metadata["sample"].init_scale.detach().mean(),
+                "init_scale_min": actor_metadata["sample"].init_scale.detach().min(),
+                "q_mean": actor_metadata["q"].mean(),
+                "q_spread": actor_metadata["q"].std(-1).mean(),
             },
             batch_size=[],
         )
@@ -169,7 +191,8 @@ class S2ACLoss(SoftQLoss):
         loss = (self._alpha * sample.log_prob - q).mean(-1)
         weights = self._maybe_get_priority_weight(tensordict)
         loss = self._reduce_loss(loss, tensordict=tensordict, weights=weights)
-        return loss, {"log_prob": sample.log_prob.detach(), "step_ratio": sample.step_ratio, "sample": sample}
+        metadata = {"log_prob": sample.log_prob.detach(), "step_ratio": sample.step_ratio, "sample": sample}
+        return loss, {**metadata, "q": q.detach()}
 
     def amortized_loss(self, sample: ParticleSample, tensordict: TensorDictBase) -> torch.Tensor:
         """Regression of the amortized sampler onto the particles of ``sample`` (zero without a sampler)."""
