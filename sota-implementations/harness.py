@@ -49,11 +49,12 @@ from torchrl.envs import (
 )
 from torchrl.envs.libs.gym import GymEnv, set_gym_backend
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.objectives import LossModule, SoftUpdate, group_optimizers
+from torchrl.objectives import HardUpdate, LossModule, SoftUpdate, group_optimizers
 from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
 from torchrl_s2ac import SoftQCritic
+from torchrl_s2ac.envs import until_first_done
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,8 @@ def validate_common(cfg: DictConfig) -> None:
         0 <= optim.target_update_polyak < 1,
         f"optim.target_update_polyak={optim.target_update_polyak} must be in [0, 1).",
     )
+    interval = optim.get("target_update_interval")
+    need(interval is None or interval >= 1, f"optim.target_update_interval={interval} must be >= 1 or null.")
     for name in ("lr_actor", "lr_critic", "lr_alpha"):
         need(optim[name] > 0, f"optim.{name}={optim[name]} must be > 0.")
     need(rb.size >= optim.batch_size, f"replay_buffer.size={rb.size} must be >= optim.batch_size.")
@@ -149,9 +152,20 @@ def _base_env(cfg: DictConfig, from_pixels: bool = False) -> EnvBase:
     if cfg.env.library == "multigoal":
         from torchrl_s2ac.envs import MultiGoalEnv
 
-        return MultiGoalEnv(layout=cfg.env.layout, obstacle=cfg.env.obstacle, max_steps=cfg.env.max_episode_steps)
+        return MultiGoalEnv(**multigoal_kwargs(cfg))
     with set_gym_backend("gymnasium"):
         return GymEnv(cfg.env.name, from_pixels=from_pixels, pixels_only=False)
+
+
+def multigoal_kwargs(cfg: DictConfig) -> dict:
+    """``MultiGoalEnv`` arguments from ``env.*`` (configs saved before goal_radius/init_noise existed included)."""
+    return {
+        "layout": cfg.env.layout,
+        "obstacle": cfg.env.obstacle,
+        "max_steps": cfg.env.max_episode_steps,
+        "goal_radius": cfg.env.get("goal_radius", 0.5),
+        "init_noise": cfg.env.get("init_noise", 0.0),
+    }
 
 
 def make_env(cfg: DictConfig, num_envs: int, from_pixels: bool = False) -> TransformedEnv:
@@ -257,12 +271,6 @@ def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def until_first_done(rollout: TensorDict) -> torch.Tensor:
-    """``[envs, T]`` mask of the steps of each env's first episode (up to and including its first done)."""
-    done = rollout.get(("next", "done")).squeeze(-1).int()
-    return (done.cumsum(-1) - done) == 0
-
-
 def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
     """Mean return over ``logger.eval_episodes`` episodes, deterministic action selection."""
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
@@ -275,6 +283,28 @@ def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
     }
     if cfg.logger.video:
         eval_env.transform.dump()
+    if cfg.env.library == "multigoal":
+        metrics.update(goal_coverage(cfg, policy))
+    return metrics
+
+
+@torch.no_grad()
+def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
+    """Multi-goal: distinct goals reached and each goal's share of ``env.coverage_episodes`` exploring episodes.
+
+    Coverage is a property of the stochastic policy (the maximum-entropy solution), so these episodes
+    act with ``ExplorationType.RANDOM``; their start noise is seeded, so every evaluation sees the same starts.
+    """
+    from torchrl_s2ac.envs import MultiGoalEnv, goal_hits
+
+    env = MultiGoalEnv(**multigoal_kwargs(cfg), batch_size=(cfg.env.coverage_episodes,))
+    env.set_seed(cfg.seed)
+    with set_exploration_type(ExplorationType.RANDOM):
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+    hits = goal_hits(env.goals, rollout).float()  # [episodes, goals]
+    returns = (rollout.get(("next", "reward")).squeeze(-1) * until_first_done(rollout)).sum(-1)
+    metrics = {"eval/goals_reached": float(hits.any(0).sum()), "eval/explore_return": returns.mean().item()}
+    metrics.update({f"eval/goal{k}_fraction": fraction.item() for k, fraction in enumerate(hits.mean(0))})
     return metrics
 
 
@@ -370,7 +400,10 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
     logger = make_logger(cfg, algorithm, state["run_id"])
     state["run_id"] = getattr(getattr(logger, "experiment", None), "id", None) or state["run_id"]
-    target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
+    if cfg.optim.get("target_update_interval"):  # a hard copy every N updates (DQN, Haarnoja et al.'s SQL)
+        target_updater = HardUpdate(agent.loss, value_network_update_interval=cfg.optim.target_update_interval)
+    else:
+        target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
     optimizer = group_optimizers(*agent.optimizers.values())
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 

@@ -5,9 +5,11 @@ State: position :math:`s \in [-7, 7]^2`, starting at the origin. Action: a veloc
 that crosses the obstacle segment (when enabled) is cancelled. Reward
 
 .. math::
-    r = -30\|a\|^2 - \min_g\|s' - g\|^2 + 10\cdot\mathbb 1[\min_g\|s' - g\| < 0.5],
+    r = -30\|a\|^2 - \min_g\|s' - g\|^2 + 10\cdot\mathbb 1[\min_g\|s' - g\| < \rho],
 
-and reaching a goal terminates the episode. Episodes are truncated after 30 steps.
+and reaching a goal terminates the episode. Episodes are truncated after 30 steps. The goal
+radius :math:`\rho` is 0.5 in the S2AC paper and 1 in Haarnoja et al.'s release, which also
+draws the start position from :math:`\mathcal N(0, 0.1^2 I)`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-__all__ = ["MultiGoalEnv", "LAYOUTS", "OBSTACLES", "PROBE_STATES"]
+from torchrl_s2ac.envs.rollout import until_first_done
+
+__all__ = ["MultiGoalEnv", "LAYOUTS", "OBSTACLES", "PROBE_STATES", "goal_hits"]
 
 LAYOUTS = {
     "four_goals": ((5.0, 0.0), (-5.0, 0.0), (0.0, 5.0), (0.0, -5.0)),
@@ -49,6 +53,8 @@ class MultiGoalEnv(EnvBase):
         layout (str): ``"four_goals"`` (the soft Q-learning paper) or ``"three_goals"`` (S2AC).
         obstacle (bool): add the layout's wall segment; a step crossing it is cancelled.
         max_steps (int): truncation horizon. Defaults to ``30``.
+        goal_radius (float): distance :math:`\rho` at which a goal counts as reached. Defaults to ``0.5``.
+        init_noise (float): standard deviation of the start position around the origin. Defaults to ``0``.
         batch_size: any batch shape. Defaults to ``()``.
     """
 
@@ -57,6 +63,8 @@ class MultiGoalEnv(EnvBase):
         layout: str = "four_goals",
         obstacle: bool = False,
         max_steps: int = 30,
+        goal_radius: float = GOAL_RADIUS,
+        init_noise: float = 0.0,
         batch_size: torch.Size | tuple = (),
         device: torch.device | str | None = None,
     ) -> None:
@@ -64,8 +72,14 @@ class MultiGoalEnv(EnvBase):
             raise ValueError(f"MultiGoalEnv: layout must be one of {sorted(LAYOUTS)}, got {layout!r}.")
         if max_steps < 1:
             raise ValueError(f"MultiGoalEnv: max_steps must be >= 1, got {max_steps}.")
+        if not goal_radius > 0:
+            raise ValueError(f"MultiGoalEnv: goal_radius must be > 0, got {goal_radius}.")
+        if not init_noise >= 0:
+            raise ValueError(f"MultiGoalEnv: init_noise must be >= 0, got {init_noise}.")
         super().__init__(batch_size=torch.Size(batch_size), device=device)
         self.layout, self.obstacle, self.max_steps = layout, obstacle, max_steps
+        self.goal_radius, self.init_noise = goal_radius, init_noise
+        self.generator = torch.Generator(device=self.device)
         self.goals = torch.tensor(LAYOUTS[layout], device=self.device)
         self.wall = torch.tensor(OBSTACLES[layout], device=self.device) if obstacle else None
         shape = self.batch_size
@@ -82,9 +96,12 @@ class MultiGoalEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None) -> TensorDict:
         # Fresh state everywhere; on a partial reset TorchRL keeps the entries whose "_reset" is False.
         shape = self.batch_size
+        start = torch.zeros(*shape, 2, device=self.device)
+        if self.init_noise:
+            start = start + self.init_noise * torch.randn(start.shape, generator=self.generator, device=self.device)
         return TensorDict(
             {
-                "observation": torch.zeros(*shape, 2, device=self.device),
+                "observation": start,
                 "step": torch.zeros(*shape, 1, dtype=torch.int64, device=self.device),
             },
             batch_size=shape,
@@ -99,7 +116,7 @@ class MultiGoalEnv(EnvBase):
             blocked = segments_intersect(position, proposed, self.wall[0], self.wall[1]).unsqueeze(-1)
             proposed = torch.where(blocked, position, proposed)
         distance = (proposed.unsqueeze(-2) - self.goals).norm(dim=-1).amin(-1, keepdim=True)
-        reached = distance < GOAL_RADIUS
+        reached = distance < self.goal_radius
         reward = -ACTION_COST * action.square().sum(-1, keepdim=True) - distance.square() + GOAL_REWARD * reached
         step = tensordict.get("step") + 1
         truncated = (step >= self.max_steps) & ~reached
@@ -117,5 +134,18 @@ class MultiGoalEnv(EnvBase):
         )
 
     def _set_seed(self, seed: int | None) -> None:
-        # Deterministic dynamics: nothing to seed.
-        return None
+        # The dynamics are deterministic; only the start position (init_noise) is random.
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+
+def goal_hits(goals: torch.Tensor, rollout: TensorDictBase) -> torch.Tensor:
+    """Which goal each episode of a ``[episodes, T]`` rollout reached first: ``[episodes, num_goals]`` booleans.
+
+    An episode reaches a goal when it terminates (only goals terminate); the goal is the one
+    nearest to the terminal position. Steps after an episode's first done are ignored.
+    """
+    reached = rollout.get(("next", "terminated")).squeeze(-1) & until_first_done(rollout)  # one step at most
+    position = rollout.get(("next", "observation"))
+    nearest = (position.unsqueeze(-2) - goals).norm(dim=-1).argmin(-1)  # [episodes, T]
+    return (torch.nn.functional.one_hot(nearest, len(goals)).bool() & reached.unsqueeze(-1)).any(-2)
