@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy compare multigoal clean
+.PHONY: setup train test docs bench entropy hopper multigoal campaign clean
 
 setup: $(STAMP)
 
@@ -34,14 +34,44 @@ bench: $(STAMP)
 entropy: $(STAMP)
 	$(PY) sota-implementations/entropy_validation.py --out results/entropy
 
+# Evidence: hydra multirun sweeps (parallel local runs, one torch thread each when JOBS=2), then reports.
+SEEDS ?= 0,1,2,3,4
+JOBS ?= 2
+EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
+
+# S2AC vs SAC vs SQL on Hopper-v5, 100k frames, 5 seeds (hours per S2AC run on 2 cores), then the report.
+hopper: $(STAMP)
+	for algorithm in s2ac sac sql; do \
+		$(PY) sota-implementations/$$algorithm.py -m env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) \
+			replay_buffer.size=100000 hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=results/hopper_100k/$$algorithm \
+			|| exit 1; \
+	done
+	$(PY) sota-implementations/report.py results/hopper_100k
+
+# Both multi-goal layouts, 5 seeds: S2AC (fixed and learned q0), SAC, SQL in the same harness; then the reports
+# (goal coverage against frames from report.py, goals/trajectories/entropies from multigoal.py).
 multigoal: $(STAMP)
-	for layout in three_goals four_goals; do \
-		$(PY) sota-implementations/multigoal.py --layout $$layout --seeds 0 1 2 --frames 5000 || exit 1; \
+	for algorithm in s2ac sac sql; do \
+		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=four_goals,three_goals \
+			seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=results/multigoal_20k/$$algorithm || exit 1; \
+	done
+	$(PY) sota-implementations/s2ac.py -m +experiment=multigoal_s2ac s2ac.fixed_init_std=null \
+		env.layout=four_goals,three_goals seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=results/multigoal_20k/s2ac_learned_q0
+	$(PY) sota-implementations/report.py results/multigoal_20k --metric eval/goals_reached --by s2ac.fixed_init_std
+	for layout in four_goals three_goals; do \
+		$(PY) sota-implementations/multigoal.py results/multigoal_20k --layout $$layout --out results/multigoal_20k || exit 1; \
 	done
 
-compare: $(STAMP)
-	$(PY) sota-implementations/compare.py --env hopper --frames 30000 --eval-every 2500 --threads 2 \
-		--out results/hopper collector.init_random_frames=5000
+# The paper-scale campaign: 5 MuJoCo tasks x 5 seeds x 1M frames per algorithm (one multirun per algorithm).
+# On a SLURM cluster add hydra/launcher=slurm (config/hydra/launcher/slurm.yaml).
+campaign: $(STAMP)
+	for algorithm in s2ac sac sql; do \
+		$(PY) sota-implementations/$$algorithm.py -m env=hopper,walker2d,halfcheetah,ant,humanoid seed=$(SEEDS) \
+			collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS) \
+			hydra.sweep.dir=results/campaign/$$algorithm || exit 1; \
+	done
+	$(PY) sota-implementations/report.py results/campaign
 
 clean:
 	rm -rf $(VENV) docs/_build outputs

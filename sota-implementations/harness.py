@@ -24,7 +24,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import gymnasium as gym
 import numpy as np
+import tensordict
 import torch
+import torchrl
 import tqdm
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -71,7 +73,7 @@ class Agent:
 
     loss: LossModule
     policy: TensorDictModuleBase  # acts in the collector (exploration) and in evaluation (deterministic)
-    optimizers: dict[str, torch.optim.Optimizer]  # by what they train ("critic", "actor", ...): grad norms are logged so
+    optimizers: dict[str, torch.optim.Optimizer]  # by what they train ("critic", "actor", ...): names grad norms
 
 
 # ---------------------------------------------------------------------------
@@ -227,17 +229,29 @@ def sweep_name() -> str | None:
     return "/".join(Path(HydraConfig.get().runtime.output_dir).parent.parts[-3:])
 
 
-def make_logger(cfg: DictConfig, algorithm: str, run_id: str | None):
+def run_identity(cfg: DictConfig, algorithm: str) -> dict:
+    """What identifies a run among others (W&B config and tags, ``run.json`` for report.py)."""
+    return {
+        "algorithm": algorithm,
+        "task": cfg.env.name,
+        "seed": cfg.seed,
+        "group": cfg.logger.group_name or sweep_name(),  # the W&B group: by default, one per sweep
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
+    }
+
+
+def make_logger(cfg: DictConfig, identity: dict, run_id: str | None):
     """A TorchRL logger; with W&B, the runs of one sweep share a group and carry algorithm, env and seed as tags."""
     if not cfg.logger.backend:
         return None
-    name = run_id or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
+    name = run_id or generate_exp_name(identity["algorithm"].upper(), cfg.logger.exp_name)
     wandb_kwargs = {
         "mode": cfg.logger.mode,
         "project": cfg.logger.project_name,
-        "group": cfg.logger.group_name or sweep_name(),
-        "tags": [algorithm, cfg.env.name, f"seed={cfg.seed}"],
-        "config": {"algorithm": algorithm, **OmegaConf.to_container(cfg, resolve=True)},
+        "group": identity["group"],
+        "tags": [identity["algorithm"], identity["task"], f"seed={identity['seed']}"],
+        "config": {**identity, **OmegaConf.to_container(cfg, resolve=True)},
         "id": name,
         "resume": "allow",
         "dir": os.getcwd(),
@@ -398,7 +412,9 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     }
     if cfg.resume:
         state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
-    logger = make_logger(cfg, algorithm, state["run_id"])
+    identity = run_identity(cfg, algorithm)
+    Path("run.json").write_text(json.dumps(identity, indent=1) + "\n")
+    logger = make_logger(cfg, identity, state["run_id"])
     state["run_id"] = getattr(getattr(logger, "experiment", None), "id", None) or state["run_id"]
     if cfg.optim.get("target_update_interval"):  # a hard copy every N updates (DQN, Haarnoja et al.'s SQL)
         target_updater = HardUpdate(agent.loss, value_network_update_interval=cfg.optim.target_update_interval)
@@ -441,7 +457,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     metrics_file = Path("metrics.jsonl").open("a")
 
     def record(metrics: dict) -> None:
-        """Log to the TorchRL logger and append to metrics.jsonl (read by compare.py)."""
+        """Log to the TorchRL logger and append to metrics.jsonl (read by report.py)."""
         if logger is not None:
             logger.log_metrics(metrics, step=state["frames"])
         elapsed = elapsed_before + time.perf_counter() - session_start
@@ -518,19 +534,6 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
         wandb.finish()
     return {"frames": state["frames"], "updates": state["updates"], **final, "checkpoint": str(checkpoint_path)}
-
-
-def train_side_by_side(launch: Callable, algorithms, seeds, log_dir: Path) -> None:
-    """Run the algorithms' trainings concurrently, seed after seed (used by compare.py and multigoal.py).
-
-    ``launch(algorithm, seed)`` starts one run and returns its ``subprocess.Popen``, or ``None`` when
-    that run already finished.
-    """
-    for seed in seeds:
-        procs = [p for p in (launch(algorithm, seed) for algorithm in algorithms) if p is not None]
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise SystemExit(f"a training run failed (exit codes {codes}); see {log_dir}/*.log")
 
 
 def make_critic(cfg: DictConfig, env: EnvBase) -> SoftQCritic:

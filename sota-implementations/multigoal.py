@@ -1,13 +1,17 @@
-"""The paper's multi-goal experiment: S2AC, SAC and SQL on the point-mass goal map.
+"""The paper's multi-goal experiment, read from finished runs: goals, trajectories, entropies, Q landscapes.
 
-    python sota-implementations/multigoal.py --layout three_goals --seeds 0 1 2 --frames 5000
+Train with hydra multirun (experiment/multigoal_<algorithm>.yaml hold each algorithm's settings), then report:
 
-Trains each algorithm with ``s2ac.py`` / ``sac.py`` / ``sql.py`` (``env=multigoal``;
-runs already finished in ``--out`` are reused), then, per run, plays 20 test
-episodes with the stochastic (training) action selection, with and without the
-layout's obstacle. S2AC runs also train the amortized sampler, which is tested
-as a fourth policy ("S2AC-amortized": one network pass per action, no SVGD).
-Writes into ``--out``:
+    python sota-implementations/s2ac.py -m +experiment=multigoal_s2ac env.layout=three_goals seed=0,1,2,3,4
+    python sota-implementations/sac.py -m +experiment=multigoal_sac env.layout=three_goals seed=0,1,2,3,4
+    python sota-implementations/sql.py -m +experiment=multigoal_sql env.layout=three_goals seed=0,1,2,3,4
+    python sota-implementations/multigoal.py multirun/*/MultiGoal --layout three_goals --out results/multigoal
+
+Per run (any directory with ``metrics.jsonl``, ``.hydra/`` and ``checkpoints/last.pt`` under the given
+paths, for the chosen layout), plays 20 test episodes with the stochastic (training) action selection,
+with and without the layout's obstacle. S2AC runs that trained the amortized sampler are also tested
+with it ("S2AC-amortized": one network pass per action, no SVGD); S2AC with a learned q0 is labelled
+"S2AC-learned-q0". Writes into ``--out``:
 
 - ``results_<layout>.md``: per run, distinct goals reached, hit fraction per goal,
   mean return, acting time, and the entropy at the probe states two ways: the
@@ -18,14 +22,16 @@ Writes into ``--out``:
 - ``trajectories_<layout>.png``: the test trajectories over the goal map;
 - ``landscape_<layout>.png``: min_k Q(s, .) over the action square at the probe
   states (first seed), with 100 of the policy's actions on top.
+
+Goal coverage against training frames (``eval/goals_reached``, logged at every evaluation) is in
+``report.py --metric eval/goals_reached``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import importlib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,101 +42,89 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from torchrl.envs.utils import ExplorationType, set_exploration_type  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
+import report  # noqa: E402
 
 from torchrl_s2ac import knn_entropy  # noqa: E402
-from torchrl_s2ac.envs import LAYOUTS, OBSTACLES, PROBE_STATES, MultiGoalEnv  # noqa: E402
+from torchrl_s2ac.envs import LAYOUTS, OBSTACLES, PROBE_STATES, MultiGoalEnv, goal_hits, until_first_done  # noqa: E402
 
-ALGORITHMS = ("s2ac", "sac", "sql")
-# Settings for the 2-D task: shorter warm-up, smaller nets; S2AC with L = 10 as in the release.
-COMMON = [
-    "env=multigoal",
-    "collector.init_random_frames=1000",
-    "collector.learning_starts=500",
-    "logger.eval_every_frames=1000",
-    "logger.eval_episodes=10",
-    "network.critic_cells=[128,128]",
-    "env.num_envs=2",
-    "num_threads=1",
-]
-PRESETS = {
-    # The release's multi-goal variant: fixed q0 = N(0, 0.5^2), L = 10; the amortized sampler is trained alongside.
-    "s2ac": ["s2ac.num_steps=10", "network.init_cells=[128,128]", "s2ac.fixed_init_std=0.5", "s2ac.amortized=true"],
-    "sac": ["network.actor_cells=[128,128]"],
-    "sql": ["network.sampler_cells=[128,128]"],
-}
 TEST_EPISODES = 20
 PROBE_ACTIONS = 1000
 
 
-def run_dir(out: Path, algorithm: str, layout: str, seed: int) -> Path:
-    return out / "runs" / f"{algorithm}_{layout}_seed{seed}"
+@dataclasses.dataclass
+class MultiGoalRun:
+    directory: Path
+    algorithm: str
+    seed: int
+    cfg: DictConfig
+
+    @property
+    def label(self) -> str:
+        if self.algorithm == "s2ac" and self.cfg.s2ac.fixed_init_std is None:
+            return "S2AC-learned-q0"
+        return self.algorithm.upper()
 
 
-def train(args, algorithm, seed) -> subprocess.Popen | None:
-    directory = run_dir(args.out, algorithm, args.layout, seed)
-    if (directory / "checkpoints" / "last.pt").exists() and '"final"' in (directory / "metrics.jsonl").read_text():
-        return None
-    overrides = [
-        *COMMON,
-        *PRESETS[algorithm],
-        f"env.layout={args.layout}",
-        f"seed={seed}",
-        f"collector.total_frames={args.frames}",
-        f"hydra.run.dir={directory}",
-        *args.overrides,
-    ]
-    if algorithm == "s2ac":
-        overrides += args.s2ac
-    log = open(directory.parent / f"{directory.name}.log", "a")
-    return subprocess.Popen([sys.executable, str(HERE / f"{algorithm}.py"), *overrides], stdout=log, stderr=log)
+def discover(paths: list[Path], layout: str) -> list[MultiGoalRun]:
+    """The finished multi-goal runs of ``layout`` under ``paths``."""
+    runs = []
+    for directory in report.find_runs(paths):
+        cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
+        if cfg.env.library != "multigoal" or cfg.env.layout != layout:
+            continue
+        if not (directory / "checkpoints" / "last.pt").is_file():
+            continue
+        algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
+        runs.append(MultiGoalRun(directory, algorithm, int(cfg.get("seed", cfg.env.get("seed", 0))), cfg))
+    return sorted(runs, key=lambda r: (r.label, r.seed))
 
 
-def load_agent(directory: Path, algorithm: str):
-    cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
-    agent = importlib.import_module(algorithm).make_agent(cfg, harness.env_specs(cfg))
-    agent.loss.load_state_dict(torch.load(directory / "checkpoints" / "last.pt", weights_only=False)["loss"])
+def load_agent(run: MultiGoalRun):
+    agent = importlib.import_module(run.algorithm).make_agent(run.cfg, harness.env_specs(run.cfg))
+    agent.loss.load_state_dict(torch.load(run.directory / "checkpoints" / "last.pt", weights_only=False)["loss"])
     return agent
 
 
-def policies(agent, algorithm: str) -> dict:
+def policies(agent, run: MultiGoalRun) -> dict:
     """The policies to test from one run: S2AC gives two (SVGD particles, amortized sampler)."""
-    if algorithm != "s2ac":
-        return {algorithm.upper(): agent.policy}
-    found = {"S2AC": agent.policy}
-    if agent.policy.actor.amortized_sampler is not None:
-        found["S2AC-amortized"] = agent.policy.actor.amortized_sampler
+    found = {run.label: agent.policy}
+    if run.algorithm == "s2ac" and agent.policy.actor.amortized_sampler is not None:
+        found[f"{run.label}-amortized"] = agent.policy.actor.amortized_sampler
     return found
 
 
 @torch.no_grad()
-def test_episodes(policy, layout: str, obstacle: bool):
-    env = MultiGoalEnv(layout=layout, obstacle=obstacle, batch_size=(TEST_EPISODES,))
+def test_episodes(policy, cfg: DictConfig, obstacle: bool):
+    env = MultiGoalEnv(**{**harness.multigoal_kwargs(cfg), "obstacle": obstacle}, batch_size=(TEST_EPISODES,))
     start = time.perf_counter()
     with set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(30, policy, break_when_any_done=False)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     seconds = time.perf_counter() - start
-    alive = harness.until_first_done(rollout)
+    alive = until_first_done(rollout)
     returns = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1)
-    reached = rollout["next", "terminated"].squeeze(-1) & alive
-    final = rollout["next", "observation"][reached]  # one position per episode that reached a goal
-    goal_index = (final.unsqueeze(-2) - env.goals).norm(dim=-1).argmin(-1)
-    hits = torch.bincount(goal_index, minlength=len(env.goals)).float() / TEST_EPISODES
+    hits = goal_hits(env.goals, rollout).float().mean(0)
     paths = torch.cat([rollout["observation"][:, :1], rollout["next", "observation"]], 1)
-    return {"returns": returns, "hits": hits, "paths": paths, "alive": alive, "ms_per_step": 1000 * seconds / 30}
+    return {
+        "returns": returns,
+        "hits": hits,
+        "paths": paths,
+        "alive": alive,
+        "ms_per_step": 1000 * seconds / rollout.shape[-1],
+    }
 
 
 @torch.no_grad()
 def probe_actions(agent, label: str):
     """``PROBE_ACTIONS`` actions per probe state ``[P, n, 2]`` and the policy's own entropy estimate (or None)."""
     obs = torch.tensor(PROBE_STATES)
-    if label == "S2AC":
+    if label.startswith("S2AC") and not label.endswith("amortized"):
         actor = agent.policy.actor
         repeats = PROBE_ACTIONS // actor.num_particles
         sample = actor.sample_particles(obs.repeat_interleave(repeats, 0))
@@ -146,6 +140,7 @@ def probe_actions(agent, label: str):
 
 @torch.no_grad()
 def q_landscape(agent, algorithm: str, state, grid):
+    """min_k Q(state, a) over the action grid."""
     actions = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)
     obs = torch.tensor(state).expand(len(actions), 2)
     loss = agent.loss
@@ -162,44 +157,31 @@ def fmt(values) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories or folders holding them")
     parser.add_argument("--layout", default="three_goals", choices=sorted(LAYOUTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--frames", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=Path("results/multigoal"))
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
-    parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--s2ac", nargs="*", default=[], help="hydra overrides for s2ac.py only")
-    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every script")
     args = parser.parse_args()
-    args.out = args.out.resolve()
-    (args.out / "runs").mkdir(parents=True, exist_ok=True)
-    if not args.plot_only:
-        harness.train_side_by_side(functools.partial(train, args), args.algorithms, args.seeds, args.out / "runs")
-
+    runs = discover(args.paths, args.layout)
+    if not runs:
+        raise SystemExit(f"No finished {args.layout} multi-goal runs under {[str(p) for p in args.paths]}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({run.seed for run in runs})
     goals, wall = LAYOUTS[args.layout], OBSTACLES[args.layout]
-    command = (
-        f"python sota-implementations/multigoal.py --layout {args.layout} --frames {args.frames} "
-        f"--seeds {' '.join(map(str, args.seeds))}" + (f" --s2ac {' '.join(args.s2ac)}" if args.s2ac else "")
-    )
-    report = [
-        f"# Multi-goal ({args.layout}), {args.frames} frames per run",
+    lines = [
+        f"# Multi-goal ({args.layout})",
         "",
-        f"Command: `{command}`",
+        f"Runs: {', '.join(f'`{run.directory}`' for run in runs)}.",
         "",
         f"Probe states: {list(PROBE_STATES)}. Entropy columns: the policy's own estimate (S2AC closed form, "
         f"SAC Monte Carlo; SQL and S2AC-amortized have none) / the k-NN estimate from {PROBE_ACTIONS} actions.",
         "",
-        "| policy | seed | obstacle | distinct goals | hit fraction per goal | mean return | acting ms/step "
+        "| policy | seed | frames | obstacle | distinct goals | hit fraction per goal | mean return | acting ms/step "
         "| own entropy estimate | k-NN entropy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    runs = [(seed, algorithm) for algorithm in args.algorithms for seed in args.seeds]
-    labels = [
-        label
-        for algorithm in args.algorithms
-        for label in (("S2AC", "S2AC-amortized") if algorithm == "s2ac" else (algorithm.upper(),))
-    ]
-    columns = [(seed, obstacle) for seed in args.seeds for obstacle in (False, True)]
+    agents = {id(run): load_agent(run) for run in runs}
+    labels = sorted({label for run in runs for label in policies(agents[id(run)], run)})
+    columns = [(seed, obstacle) for seed in seeds for obstacle in (False, True)]
     fig, axes = plt.subplots(len(labels), len(columns), figsize=(3.2 * len(columns), 3.2 * len(labels)), squeeze=False)
     land_fig, land_axes = plt.subplots(
         len(labels), len(PROBE_STATES), figsize=(2.6 * len(PROBE_STATES), 2.8 * len(labels)), squeeze=False
@@ -209,29 +191,31 @@ def main() -> None:
     probe_entropy: dict[str, list[float]] = {}
     estimate_gap: dict[str, list[torch.Tensor]] = {}  # own estimate - k-NN, per probe state and run
     init_std: list[str] = []
-    for seed, algorithm in runs:
-        agent = load_agent(run_dir(args.out, algorithm, args.layout, seed), algorithm)
-        for label, policy in policies(agent, algorithm).items():
-            torch.manual_seed(seed)  # the same test noise on every report of this run
+    landscape_drawn: set[str] = set()
+    for run in runs:
+        agent = agents[id(run)]
+        for label, policy in policies(agent, run).items():
+            torch.manual_seed(run.seed)  # the same test noise on every report of this run
             row = labels.index(label)
             actions, own = probe_actions(agent, label)
             knn = knn_entropy(actions.double())
             probe_entropy.setdefault(label, []).append(knn.mean().item())
             if own is not None:
                 estimate_gap.setdefault(label, []).append(own - knn)
-            if label == "S2AC":
+            if label == run.label and run.algorithm == "s2ac":
                 _, scale = agent.policy.actor.init_distribution(torch.tensor(PROBE_STATES))
-                init_std.append(f"seed {seed}: {scale.min():.2f}-{scale.max():.2f}")
+                init_std.append(f"{label} seed {run.seed}: {scale.min():.2f}-{scale.max():.2f}")
             for obstacle in (False, True):
-                result = test_episodes(policy, args.layout, obstacle)
+                result = test_episodes(policy, run.cfg, obstacle)
                 distinct = int((result["hits"] > 0).sum())
                 summary.setdefault((label, obstacle), []).append((distinct, result["returns"].mean().item()))
-                report.append(
-                    f"| {label} | {seed} | {'yes' if obstacle else 'no'} | {distinct}/{len(goals)} | "
-                    f"{fmt(result['hits'].tolist())} | {result['returns'].mean():.1f} | {result['ms_per_step']:.2f} | "
-                    f"{fmt(own.tolist()) if own is not None else '-'} | {fmt(knn.tolist())} |"
+                lines.append(
+                    f"| {label} | {run.seed} | {run.cfg.collector.total_frames} | {'yes' if obstacle else 'no'} | "
+                    f"{distinct}/{len(goals)} | {fmt(result['hits'].tolist())} | {result['returns'].mean():.1f} | "
+                    f"{result['ms_per_step']:.2f} | {fmt(own.tolist()) if own is not None else '-'} | "
+                    f"{fmt(knn.tolist())} |"
                 )
-                ax = axes[row, columns.index((seed, obstacle))]
+                ax = axes[row, columns.index((run.seed, obstacle))]
                 for path, alive in zip(result["paths"], result["alive"]):
                     steps = int(alive.sum()) + 1
                     ax.plot(path[:steps, 0], path[:steps, 1], color="tab:blue", alpha=0.6, lw=1)
@@ -243,46 +227,47 @@ def main() -> None:
                 ax.set_aspect("equal")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.set_title(f"{label} s{seed}{' +wall' if obstacle else ''}: {distinct} goals", fontsize=9)
-            if seed != args.seeds[0]:
+                ax.set_title(f"{label} s{run.seed}{' +wall' if obstacle else ''}: {distinct} goals", fontsize=9)
+            if label in landscape_drawn:  # the first seed of each policy
                 continue
+            landscape_drawn.add(label)
             for k, state in enumerate(PROBE_STATES):
                 ax = land_axes[row, k]
-                ax.contourf(grid, grid, q_landscape(agent, algorithm, state, grid), levels=30, cmap="viridis")
+                ax.contourf(grid, grid, q_landscape(agent, run.algorithm, state, grid), levels=30, cmap="viridis")
                 ax.scatter(actions[k, :100, 0], actions[k, :100, 1], color="w", s=8, edgecolors="k", linewidths=0.3)
                 ax.set_title(f"{label} s={state}\nk-NN H={knn[k]:.2f}", fontsize=8)
                 ax.set_xticks([])
                 ax.set_yticks([])
-    report += [
+    lines += [
         "",
-        f"## Summary over seeds {args.seeds} (mean ± std)",
+        f"## Summary over seeds {seeds} (mean ± std)",
         "",
-        "| policy | obstacle | distinct goals | mean return | k-NN entropy, mean over probe states |",
-        "| --- | --- | --- | --- | --- |",
+        "| policy | obstacle | runs | distinct goals | mean return | k-NN entropy, mean over probe states |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for (label, obstacle), values in summary.items():
+    for (label, obstacle), values in sorted(summary.items()):
         distinct, returns = np.array(values).T
         entropy = np.array(probe_entropy[label])
-        report.append(
-            f"| {label} | {'yes' if obstacle else 'no'} | "
+        lines.append(
+            f"| {label} | {'yes' if obstacle else 'no'} | {len(values)} | "
             f"{distinct.mean():.2f} ± {distinct.std():.2f} / {len(goals)} | "
             f"{returns.mean():.1f} ± {returns.std():.1f} | {entropy.mean():.2f} ± {entropy.std():.2f} |"
         )
-    report.append("")
+    lines.append("")
     for label, gaps in estimate_gap.items():
         gap = torch.cat(gaps)
-        report.append(
+        lines.append(
             f"- {label}: own entropy estimate minus k-NN estimate over probe states and seeds: mean {gap.mean():.2f}, "
             f"range {gap.min():.2f} to {gap.max():.2f} nats."
         )
     if init_std:
-        report.append(f"- S2AC q0 standard deviation at the probe states (min-max): {'; '.join(init_std)}.")
+        lines.append(f"- S2AC q0 standard deviation at the probe states (min-max): {'; '.join(init_std)}.")
     fig.tight_layout()
     fig.savefig(args.out / f"trajectories_{args.layout}.png", dpi=80)
     land_fig.tight_layout()
     land_fig.savefig(args.out / f"landscape_{args.layout}.png", dpi=80)
-    (args.out / f"results_{args.layout}.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+    (args.out / f"results_{args.layout}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

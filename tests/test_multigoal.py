@@ -162,3 +162,36 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
     alive = (done.int().cumsum(-1) - done.int()) == 0
     random_return = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1).mean().item()
     assert final["eval/return"] > random_return + 300, (final["eval/return"], random_return)
+
+
+def test_goal_hits_counts_the_first_goal_of_each_episode():
+    from torchrl_s2ac.envs import goal_hits
+
+    env = MultiGoalEnv(layout="four_goals", batch_size=(3,))
+    # episode 0 walks right to (5, 0); episode 1 walks down to (0, -5); episode 2 stays at the origin
+    direction = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])
+
+    def policy(td):
+        return td.set("action", direction)
+
+    rollout = env.rollout(10, policy, break_when_any_done=False)
+    hits = goal_hits(env.goals, rollout)
+    expected = torch.zeros(3, 4, dtype=torch.bool)
+    expected[0, 0] = expected[1, 3] = True  # goals (5, 0) and (0, -5)
+    assert torch.equal(hits, expected)
+
+
+def test_goal_radius_and_start_noise():
+    env = MultiGoalEnv(layout="four_goals", goal_radius=1.0, init_noise=0.1, batch_size=(256,))
+    env.set_seed(0)
+    start = env.reset()["observation"]
+    assert 0.08 < start.std().item() < 0.12
+    env.set_seed(0)
+    assert torch.equal(env.reset()["observation"], start)  # seeded
+    td = (
+        env.reset().set("observation", torch.tensor([3.5, 0.0]).expand(256, 2)).set("action", torch.full((256, 2), 0.0))
+    )
+    td["action"][:, 0] = 0.6  # lands at 4.1: inside radius 1 of (5, 0), outside 0.5
+    assert env.step(td)["next", "terminated"].all()
+    with pytest.raises(ValueError, match="goal_radius"):
+        MultiGoalEnv(goal_radius=0.0)

@@ -1,0 +1,243 @@
+"""Report over training runs: scores per run, aggregates with bootstrap confidence intervals, learning curves.
+
+    python sota-implementations/report.py results/hopper_100k --out results/hopper_100k/report
+    python sota-implementations/report.py multirun/s2ac/Hopper-v5/2026-* --by s2ac.max_step_ratio --out ablation
+    python sota-implementations/report.py results/multigoal_sql_haarnoja --metric eval/goals_reached
+
+A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
+on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus
+the layout for the multi-goal task) and label (the algorithm, plus the values of the ``--by`` config
+keys), so ablations and baselines can be reported from the same directories.
+
+Per run: the final score (the ``final`` evaluation at the end of training; runs that have not
+finished are listed but left out of the statistics) and the area under the learning curve (the
+trapezoid mean of the evaluation curve over frames, i.e. the average score during training).
+Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootstrap confidence
+intervals, and the probability of improvement of each reference label over every other label
+(Agarwal et al. 2021, via ``rliable``). A verdict is "better" when the whole 95% interval of the
+probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise.
+Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from rliable import library as rly  # noqa: E402
+from rliable import metrics  # noqa: E402
+
+
+@dataclasses.dataclass
+class Run:
+    directory: Path
+    algorithm: str
+    task: str
+    label: str
+    seed: int
+    frames: np.ndarray  # evaluation points
+    scores: np.ndarray  # the metric at those points
+    final: float | None  # the end-of-training evaluation; None while the run has not finished
+    total_frames: int
+
+    @property
+    def auc(self) -> float:
+        """Average score over the evaluated span of training (trapezoid rule over frames)."""
+        if len(self.frames) < 2:
+            return float(self.scores[0]) if len(self.scores) else float("nan")
+        return float(np.trapezoid(self.scores, self.frames) / (self.frames[-1] - self.frames[0]))
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    found = set()
+    for path in paths:
+        for metrics_file in [path / "metrics.jsonl", *path.rglob("metrics.jsonl")]:
+            if metrics_file.is_file() and (metrics_file.parent / ".hydra" / "config.yaml").is_file():
+                found.add(metrics_file.parent.resolve())
+    return sorted(found)
+
+
+def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
+    cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
+    algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = {r["frames"]: r[metric] for r in records if metric in r and not r.get("final")}
+    finals = [r[metric] for r in records if r.get("final") and metric in r]
+    if not evals and not finals:
+        return None
+    task = cfg.env.name + (f"-{cfg.env.layout}" if cfg.env.get("layout") else "")
+    label = algorithm.upper()
+    variant = [
+        f"{key}={OmegaConf.select(cfg, key)}"
+        for key in by
+        if OmegaConf.select(cfg, key, default=KeyError) is not KeyError
+    ]
+    if variant:  # keys an algorithm does not have (e.g. s2ac.* for SAC) do not split its runs
+        label += " " + ",".join(variant)
+    frames = np.array(sorted(evals), dtype=float)
+    return Run(
+        directory=directory,
+        algorithm=algorithm,
+        task=task,
+        label=label,
+        seed=int(cfg.get("seed", cfg.env.get("seed", 0))),
+        frames=frames,
+        scores=np.array([evals[f] for f in sorted(evals)], dtype=float),
+        final=finals[-1] if finals else None,
+        total_frames=int(cfg.collector.total_frames),
+    )
+
+
+def interval(scores: dict[str, np.ndarray], function, reps: int) -> tuple[dict, dict]:
+    """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``."""
+    return rly.get_interval_estimates(scores, function, reps=reps, confidence_interval_size=0.95)
+
+
+def aggregates(runs: list[Run], reps: int) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Per label: ``{"mean" | "iqm" | "auc mean": (estimate, low, high)}`` over the finished runs."""
+    table: dict[str, dict] = {}
+    by_label = defaultdict(list)
+    for run in runs:
+        if run.final is not None:
+            by_label[run.label].append(run)
+    for label, group in by_label.items():
+        final = np.array([[r.final] for r in group])
+        auc = np.array([[r.auc] for r in group])
+        point, ci = interval(
+            {"f": final}, lambda x: np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)]), reps
+        )
+        auc_point, auc_ci = interval({"a": auc}, lambda x: np.array([metrics.aggregate_mean(x)]), reps)
+        table[label] = {
+            "n": len(group),
+            "mean": (point["f"][0], *ci["f"][:, 0]),
+            "iqm": (point["f"][1], *ci["f"][:, 1]),
+            "auc mean": (auc_point["a"][0], *auc_ci["a"][:, 0]),
+        }
+    return table
+
+
+def improvements(runs: list[Run], references: list[str], reps: int) -> list[tuple[str, str, float, float, float]]:
+    """P(reference > other) on final scores, with its 95% interval, for every reference/other pair."""
+    finals = defaultdict(list)
+    for run in runs:
+        if run.final is not None:
+            finals[run.label].append(run.final)
+    is_reference = {label: any(label.startswith(r) for r in references) for label in finals}
+    rows = []
+    for reference in [label for label in finals if is_reference[label]]:
+        for other in [label for label in finals if not is_reference[label]]:
+            x, y = np.array(finals[reference])[:, None], np.array(finals[other])[:, None]
+            point, ci = interval({"p": (x, y)}, metrics.probability_of_improvement, reps)
+            rows.append((reference, other, float(point["p"]), *map(float, ci["p"][:, 0])))
+    return rows
+
+
+def verdict(low: float, high: float) -> str:
+    return "better" if low > 0.5 else "worse" if high < 0.5 else "not distinguishable"
+
+
+def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_label = defaultdict(list)
+    for run in runs:
+        by_label[run.label].append(run)
+    for label, group in sorted(by_label.items()):
+        grid = np.array(sorted(set.intersection(*(set(r.frames.tolist()) for r in group))))
+        if not len(grid):
+            continue
+        curves = np.stack([np.interp(grid, r.frames, r.scores) for r in group])  # [runs, points]
+        if len(group) > 1:
+            point, ci = interval({"c": curves}, lambda x: x.mean(0), reps)
+            mean, low, high = point["c"], ci["c"][0], ci["c"][1]
+            ax.fill_between(grid, low, high, alpha=0.2)
+        else:
+            mean = curves[0]
+        ax.plot(grid, mean, label=f"{label} (n={len(group)})")
+    ax.set_title(f"{task}: {metric} (mean, 95% bootstrap CI over seeds)")
+    ax.set_xlabel("environment frames")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / f"curves_{task}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fmt(estimate: tuple[float, float, float]) -> str:
+    return f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
+
+
+def report(runs: list[Run], metric: str, references: list[str], out: Path, reps: int) -> str:
+    lines = [f"# Report: `{metric}`", ""]
+    lines += [
+        "Final: the end-of-training evaluation; AUC: average over the evaluation curve. Brackets: 95% "
+        f"stratified-bootstrap confidence intervals ({reps} resamples, `rliable`). Unfinished runs are listed "
+        "but not aggregated.",
+        "",
+    ]
+    for task in sorted({r.task for r in runs}):
+        task_runs = [r for r in runs if r.task == task]
+        lines += [
+            f"## {task}",
+            "",
+            "| label | n | final: mean | final: IQM | AUC: mean |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for label, row in sorted(aggregates(task_runs, reps).items()):
+            lines.append(f"| {label} | {row['n']} | {fmt(row['mean'])} | {fmt(row['iqm'])} | {fmt(row['auc mean'])} |")
+        pairs = improvements(task_runs, references, reps)
+        if pairs:
+            lines += ["", "| P(X > Y) on final scores | estimate [95% CI] | verdict for X |", "| --- | --- | --- |"]
+            for x, y, p, low, high in pairs:
+                lines.append(f"| {x} > {y} | {p:.2f} [{low:.2f}, {high:.2f}] | {verdict(low, high)} |")
+        lines += [
+            "",
+            "| label | seed | frames evaluated | final | AUC | run |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sorted(task_runs, key=lambda r: (r.label, r.seed)):
+            final = f"{r.final:.1f}" if r.final is not None else "unfinished"
+            reached = int(r.frames[-1]) if len(r.frames) else 0
+            lines.append(
+                f"| {r.label} | {r.seed} | {reached:,} / {r.total_frames:,} | {final} | {r.auc:.1f} "
+                f"| `{r.directory.parent.name}/{r.directory.name}` |"
+            )
+        figure = plot_curves(task, task_runs, metric, out, reps)
+        lines += ["", f"![{task}]({figure.name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", type=Path, nargs="+", help="run directories or folders holding them")
+    parser.add_argument("--metric", default="eval/return", help="metrics.jsonl key to score")
+    parser.add_argument("--by", nargs="*", default=[], help="config keys that tell variants of an algorithm apart")
+    parser.add_argument("--reference", nargs="*", default=["S2AC"], help="labels (prefixes) compared to the others")
+    parser.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
+    args = parser.parse_args()
+    runs = [run for run in (load_run(d, args.metric, args.by) for d in find_runs(args.paths)) if run is not None]
+    if not runs:
+        raise SystemExit(
+            f"No runs with metrics.jsonl, .hydra/ and '{args.metric}' under {[str(p) for p in args.paths]}."
+        )
+    out = args.out or args.paths[0]
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(runs, args.metric, args.reference, out, args.reps)
+    (out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

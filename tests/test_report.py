@@ -1,0 +1,132 @@
+"""report.py (statistics over run directories) and hydra multirun sweeps of the training scripts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "sota-implementations"))
+import report  # noqa: E402
+
+
+def fake_run(root: Path, algorithm: str, seed: int, curve: list[float], final: float | None, **config) -> Path:
+    """A run directory as the harness writes it: .hydra/{config,hydra}.yaml and metrics.jsonl."""
+    directory = root / algorithm / f"{seed}_seed{seed}"
+    (directory / ".hydra").mkdir(parents=True)
+    cfg = {"seed": seed, "env": {"name": "Hopper-v5"}, "collector": {"total_frames": 1000 * len(curve)}, **config}
+    (directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (directory / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": algorithm}}}))
+    records = [{"frames": 1000 * (i + 1), "eval/return": value} for i, value in enumerate(curve)]
+    if final is not None:
+        records.append({"frames": 1000 * len(curve), "eval/return": final, "final": 1})
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory
+
+
+def test_scores_auc_and_aggregates_against_numpy(tmp_path):
+    finals = {"s2ac": [10.0, 12.0, 14.0, 30.0], "sac": [1.0, 2.0, 3.0, 4.0]}
+    for algorithm, values in finals.items():
+        for seed, final in enumerate(values):
+            fake_run(tmp_path, algorithm, seed, [0.0, final / 2, final], final)
+    fake_run(tmp_path, "sac", 9, [0.0, 5.0], None)  # unfinished: listed, not aggregated
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path])]
+    assert len(runs) == 9
+    run = next(r for r in runs if r.label == "S2AC" and r.seed == 3)
+    # trapezoid over frames 1000..3000 of (0, 15, 30) divided by 2000 frames
+    assert run.auc == pytest.approx(((0 + 15) / 2 + (15 + 30) / 2) / 2)
+    table = report.aggregates([r for r in runs if r.task == "Hopper-v5"], reps=2000)
+    assert table["SAC"]["n"] == 4
+    for label, algorithm in (("S2AC", "s2ac"), ("SAC", "sac")):
+        values = np.array(finals[algorithm])
+        mean, low, high = table[label]["mean"]
+        assert mean == pytest.approx(values.mean())
+        assert low <= mean <= high and low >= values.min() and high <= values.max()
+        # IQM of 4 runs: the mean of the middle two
+        assert table[label]["iqm"][0] == pytest.approx(np.sort(values)[1:3].mean())
+    (reference, other, p, low, high), *rest = report.improvements(runs, ["S2AC"], reps=2000)
+    assert (reference, other, rest) == ("S2AC", "SAC", [])
+    assert p == pytest.approx(1.0)  # every S2AC score beats every SAC score
+    assert report.verdict(low, high) == "better"
+
+
+def test_overlapping_groups_are_not_distinguishable(tmp_path):
+    rng = np.random.default_rng(0)
+    for algorithm in ("s2ac", "sac"):
+        for seed in range(5):
+            fake_run(tmp_path, algorithm, seed, [0.0], float(rng.normal()))
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path])]
+    ((_, _, p, low, high),) = report.improvements(runs, ["S2AC"], reps=2000)
+    assert low < 0.5 < high and report.verdict(low, high) == "not distinguishable"
+
+
+def test_by_splits_variants_and_ignores_keys_an_algorithm_lacks(tmp_path):
+    fake_run(tmp_path, "s2ac", 0, [1.0], 1.0, s2ac={"max_step_ratio": 0.5})
+    fake_run(tmp_path / "b", "s2ac", 0, [1.0], 1.0, s2ac={"max_step_ratio": None})
+    fake_run(tmp_path, "sac", 0, [1.0], 1.0)
+    labels = {report.load_run(d, "eval/return", ["s2ac.max_step_ratio"]).label for d in report.find_runs([tmp_path])}
+    assert labels == {"S2AC s2ac.max_step_ratio=0.5", "S2AC s2ac.max_step_ratio=None", "SAC"}
+
+
+def test_command_line_writes_markdown_and_curves(tmp_path):
+    for algorithm in ("s2ac", "sac", "sql"):
+        for seed in range(3):
+            fake_run(tmp_path / "runs", algorithm, seed, [0.0, seed + 1.0], seed + 1.0)
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sota-implementations" / "report.py"), str(tmp_path / "runs"), "--out", str(out)]
+        + ["--reps", "500"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = (out / "report.md").read_text()
+    assert "| S2AC > SAC |" in text and "| S2AC > SQL |" in text
+    assert (out / "curves_Hopper-v5.png").stat().st_size > 10_000
+
+
+def test_hydra_multirun_sweep_runs_each_seed_in_its_own_directory(tmp_path):
+    """`-m seed=0,1`: two parallel runs (joblib launcher), one W&B group, each with one torch thread."""
+    overrides = [
+        "env=multigoal",
+        "seed=0,1",
+        "collector.total_frames=100",
+        "collector.frames_per_batch=50",
+        "collector.init_random_frames=50",
+        "collector.learning_starts=50",
+        "optim.batch_size=16",
+        "logger.eval_every_frames=100",
+        "logger.eval_episodes=2",
+        "env.coverage_episodes=4",
+        "network.actor_cells=[16]",
+        "network.critic_cells=[16]",
+        "replay_buffer.size=200",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sota-implementations" / "sac.py"), "-m", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*_seed*"))
+    assert [r.name for r in runs] == ["0_seed0", "1_seed1"]
+    configs = []
+    for seed, run in enumerate(runs):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["final"] == 1 and "eval/goals_reached" in records[-1]
+        assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"] == seed
+        configs.append(json.loads((run / "run.json").read_text()))
+    sweep = "/".join((tmp_path / "sweep").parts[-3:])  # the W&B group of both runs
+    assert [(c["algorithm"], c["seed"], c["group"]) for c in configs] == [("sac", 0, sweep), ("sac", 1, sweep)]
+    assert {c["torch_threads"] for c in configs} == {max(1, os.cpu_count() // 2)}  # launcher.n_jobs = 2
