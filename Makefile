@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy hopper multigoal campaign clean
+.PHONY: setup train test docs bench entropy hopper ablations multigoal campaign clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,7 @@ bench: $(STAMP)
 
 entropy: $(STAMP)
 	$(PY) sota-implementations/entropy_validation.py --out results/entropy
+	$(PY) sota-implementations/entropy_dimensions.py --out results/entropy
 
 # Evidence: hydra multirun sweeps (parallel local runs, one torch thread each when JOBS=2), then reports.
 SEEDS ?= 0,1,2,3,4
@@ -47,6 +48,18 @@ hopper: $(STAMP)
 			|| exit 1; \
 	done
 	$(PY) sota-implementations/report.py results/hopper_100k
+
+# Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, one setting changed at a time.
+ABLATION_KEYS := s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixed_alpha s2ac.fixed_init_std
+ablations: $(STAMP)
+	for variant in default s2ac.max_step_ratio=null s2ac.kernel_rule=mean s2ac.fixed_alpha=false \
+			s2ac.fixed_init_std=0.5; do \
+		$(PY) sota-implementations/s2ac.py -m env=hopper seed=0,1,2 collector.total_frames=30000 $(EVAL) \
+			replay_buffer.size=30000 hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=results/hopper_ablations/$$variant \
+			$$(test $$variant = default || echo $$variant) || exit 1; \
+	done
+	$(PY) sota-implementations/report.py results/hopper_ablations --by $(ABLATION_KEYS) \
+		--reference "S2AC s2ac.max_step_ratio=0.5,s2ac.kernel_rule=median,s2ac.fixed_alpha=True,s2ac.fixed_init_std=None"
 
 # Both multi-goal layouts, 5 seeds: S2AC (fixed and learned q0), SAC, SQL in the same harness; then the reports
 # (goal coverage against frames from report.py, goals/trajectories/entropies from multigoal.py).
