@@ -41,12 +41,13 @@ JOBS ?= 2
 EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 
 # S2AC vs SAC vs SQL on Hopper-v5, 100k frames, 5 seeds (hours per S2AC run on 2 cores), then the report.
+# Each algorithm with its authors' settings; SQL with Haarnoja et al.'s (experiment/sql_mujoco_haarnoja.yaml).
+HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
+	hydra.launcher.n_jobs=$(JOBS)
 hopper: $(STAMP)
-	for algorithm in s2ac sac sql; do \
-		$(PY) sota-implementations/$$algorithm.py -m env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) \
-			replay_buffer.size=100000 hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=results/hopper_100k/$$algorithm \
-			|| exit 1; \
-	done
+	$(PY) sota-implementations/s2ac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/s2ac
+	$(PY) sota-implementations/sac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/sac
+	$(PY) sota-implementations/sql.py -m $(HOPPER) +experiment=sql_mujoco_haarnoja hydra.sweep.dir=results/hopper_100k/sql
 	$(PY) sota-implementations/report.py results/hopper_100k
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, one setting changed at a time.
@@ -76,13 +77,17 @@ multigoal: $(STAMP)
 		$(PY) sota-implementations/multigoal.py results/multigoal_20k --layout $$layout --out results/multigoal_20k || exit 1; \
 	done
 
-# The paper-scale campaign: 5 MuJoCo tasks x 5 seeds x 1M frames per algorithm (one multirun per algorithm).
-# On a SLURM cluster add hydra/launcher=slurm (config/hydra/launcher/slurm.yaml).
+# The paper-scale campaign: 5 MuJoCo tasks x 5 seeds x 1M frames per algorithm, one multirun per algorithm
+# (SQL once per task: its temperature is Haarnoja et al.'s per-task reward scale). On a SLURM cluster add
+# hydra/launcher=slurm (config/hydra/launcher/slurm.yaml). Cost estimates: README, "Results".
+TASKS := hopper,walker2d,halfcheetah,ant,humanoid
+CAMPAIGN := seed=$(SEEDS) collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS)
 campaign: $(STAMP)
-	for algorithm in s2ac sac sql; do \
-		$(PY) sota-implementations/$$algorithm.py -m env=hopper,walker2d,halfcheetah,ant,humanoid seed=$(SEEDS) \
-			collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS) \
-			hydra.sweep.dir=results/campaign/$$algorithm || exit 1; \
+	$(PY) sota-implementations/s2ac.py -m env=$(TASKS) $(CAMPAIGN) hydra.sweep.dir=results/campaign/s2ac
+	$(PY) sota-implementations/sac.py -m env=$(TASKS) $(CAMPAIGN) hydra.sweep.dir=results/campaign/sac
+	for task in hopper:0.0333 halfcheetah:0.0333 walker2d:0.1 ant:0.00333 humanoid:0.01; do \
+		$(PY) sota-implementations/sql.py -m env=$${task%%:*} sql.alpha=$${task##*:} +experiment=sql_mujoco_haarnoja \
+			$(CAMPAIGN) hydra.sweep.dir=results/campaign/sql/$${task%%:*} || exit 1; \
 	done
 	$(PY) sota-implementations/report.py results/campaign
 
