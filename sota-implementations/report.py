@@ -16,7 +16,9 @@ Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootst
 intervals, and the probability of improvement of each reference label over every other label
 (Agarwal et al. 2021, via ``rliable``). A verdict is "better" when the whole 95% interval of the
 probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise.
-Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task.
+Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task, and with
+``--diagnostics KEY ...`` a ``diagnostics_<task>.png`` of those training metrics (e.g. S2AC's
+``train/init_scale_min``, ``train/svgd_step_ratio``, ``train/entropy``) for every run.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Run:
     scores: np.ndarray  # the metric at those points
     final: float | None  # the end-of-training evaluation; None while the run has not finished
     total_frames: int
+    records: list[dict]  # every metrics.jsonl record (training diagnostics included)
 
     @property
     def auc(self) -> float:
@@ -94,6 +97,7 @@ def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
         scores=np.array([evals[f] for f in sorted(evals)], dtype=float),
         final=finals[-1] if finals else None,
         total_frames=int(cfg.collector.total_frames),
+        records=records,
     )
 
 
@@ -174,11 +178,41 @@ def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -
     return path
 
 
+def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> Path:
+    """One panel per logged training metric: every run as a thin line, the mean over a label's runs bold."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    colors = dict(zip(sorted({r.label for r in runs}), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10))
+    for ax, key in zip(axes[0], keys):
+        for label, color in colors.items():
+            series = []
+            for run in (r for r in runs if r.label == label):
+                points = [(r["frames"], r[key]) for r in run.records if key in r and not r.get("final")]
+                if points:
+                    frames, values = map(np.array, zip(*points))
+                    ax.plot(frames, values, color=color, alpha=0.3, lw=0.8)
+                    series.append((frames, values))
+            if series:
+                grid = np.array(sorted(set.intersection(*(set(f.tolist()) for f, _ in series))))
+                if len(grid):
+                    mean = np.mean([np.interp(grid, f, v) for f, v in series], axis=0)
+                    ax.plot(grid, mean, color=color, lw=2, label=f"{label} (n={len(series)})")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("environment frames")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{task}: training diagnostics")
+    fig.tight_layout()
+    path = out / f"diagnostics_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def fmt(estimate: tuple[float, float, float]) -> str:
     return f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
 
 
-def report(runs: list[Run], metric: str, references: list[str], out: Path, reps: int) -> str:
+def report(runs: list[Run], metric: str, references: list[str], out: Path, reps: int, diagnostics=()) -> str:
     lines = [f"# Report: `{metric}`", ""]
     lines += [
         "Final: the end-of-training evaluation; AUC: average over the evaluation curve. Brackets: 95% "
@@ -215,6 +249,9 @@ def report(runs: list[Run], metric: str, references: list[str], out: Path, reps:
             )
         figure = plot_curves(task, task_runs, metric, out, reps)
         lines += ["", f"![{task}]({figure.name})", ""]
+        if diagnostics:
+            figure = plot_diagnostics(task, task_runs, list(diagnostics), out)
+            lines += [f"![{task} diagnostics]({figure.name})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +263,9 @@ def main() -> None:
     parser.add_argument("--reference", nargs="*", default=["S2AC"], help="labels (prefixes) compared to the others")
     parser.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
+    parser.add_argument(
+        "--diagnostics", nargs="*", default=[], help="training metrics to plot per run, e.g. train/init_scale_min"
+    )
     args = parser.parse_args()
     runs = [run for run in (load_run(d, args.metric, args.by) for d in find_runs(args.paths)) if run is not None]
     if not runs:
@@ -234,7 +274,7 @@ def main() -> None:
         )
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    text = report(runs, args.metric, args.reference, out, args.reps)
+    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics)
     (out / "report.md").write_text(text)
     print(text)
 

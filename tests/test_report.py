@@ -89,6 +89,7 @@ def test_command_line_writes_markdown_and_curves(tmp_path):
     text = (out / "report.md").read_text()
     assert "| S2AC > SAC |" in text and "| S2AC > SQL |" in text
     assert (out / "curves_Hopper-v5.png").stat().st_size > 10_000
+    assert not (out / "diagnostics_Hopper-v5.png").exists()  # only when asked for
 
 
 def test_hydra_multirun_sweep_runs_each_seed_in_its_own_directory(tmp_path):
