@@ -289,3 +289,8 @@ def test_knn_entropy_matches_closed_forms():
     assert knn_entropy(box) == pytest.approx(math.log(2.0 * 0.5 * 1.0), abs=0.1)
     with pytest.raises(ValueError, match="k must be in"):
         knn_entropy(torch.randn(5, 2), k=5)
+
+
+def test_truncated_normal_sampler_compiles_without_graph_breaks():
+    explanation = torch._dynamo.explain(sample_truncated_normal)(torch.zeros(4, 3), torch.ones(4, 3), 10)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -5,23 +5,13 @@ policies without a density (SQL's implicit sampler).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
 from torchrl.data import Bounded
-from torchrl.modules.distributions.truncated_normal import TruncatedStandardNormal
 
 __all__ = ["sample_truncated_normal", "TanhSquash", "knn_entropy"]
-
-
-@functools.lru_cache(maxsize=16)
-def _standard_truncated_normal(bound: float, dtype: torch.dtype, device: torch.device) -> TruncatedStandardNormal:
-    # Parameter-free, so one instance per (bound, dtype, device) serves every call.
-    return TruncatedStandardNormal(
-        torch.tensor(-bound, dtype=dtype, device=device), torch.tensor(bound, dtype=dtype, device=device)
-    )
 
 
 def sample_truncated_normal(
@@ -30,8 +20,11 @@ def sample_truncated_normal(
     r"""Draw ``num_samples`` particles from :math:`\mathcal N(\mu, \mathrm{diag}\,\sigma^2)`
     truncated to :math:`\mu \pm \text{bound}\cdot\sigma`, by inverse-CDF (no rejection).
 
-    Reparameterised: :math:`u = \mu + \sigma z` with :math:`z` a standard normal
-    truncated to :math:`[-\text{bound}, \text{bound}]`, so gradients reach ``loc`` and ``scale``.
+    Reparameterised: :math:`u = \mu + \sigma z` with :math:`z = \Phi^{-1}(\Phi(-b) + v\,Z)`,
+    :math:`v \sim U(0, 1)`, :math:`b` the bound and :math:`Z = \Phi(b) - \Phi(-b)`, so gradients
+    reach ``loc`` and ``scale``. The constants are Python floats: no host synchronisation and no
+    graph break under :func:`torch.compile` (TorchRL's ``TruncatedStandardNormal`` checks its
+    bounds with ``.tolist()``).
 
     Args:
         loc, scale: ``[*batch, d]``.
@@ -43,12 +36,14 @@ def sample_truncated_normal(
     """
     if loc.shape != scale.shape:
         raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}.")
-    # Under torch.compile, build it inline (dynamo does not honour the lru_cache wrapper).
-    make = _standard_truncated_normal.__wrapped__ if torch.compiler.is_compiling() else _standard_truncated_normal
-    standard = make(bound, loc.dtype, loc.device)
-    z = standard.rsample((*loc.shape[:-1], num_samples, loc.shape[-1]))
+    lower_cdf = 0.5 * math.erfc(bound / math.sqrt(2))  # Phi(-b)
+    mass = math.erf(bound / math.sqrt(2))  # Z
+    tiny = torch.finfo(loc.dtype).eps
+    v = torch.rand((*loc.shape[:-1], num_samples, loc.shape[-1]), dtype=loc.dtype, device=loc.device)
+    z = torch.special.ndtri((lower_cdf + v * mass).clamp(tiny, 1 - tiny)).clamp(-bound, bound)
     loc, scale = loc.unsqueeze(-2), scale.unsqueeze(-2)
-    log_q0 = (standard.log_prob(z) - scale.log()).sum(-1)
+    log_standard = -0.5 * z.square() - 0.5 * math.log(2 * math.pi) - math.log(mass)
+    log_q0 = (log_standard - scale.log()).sum(-1)
     return loc + scale * z, log_q0
 
 
