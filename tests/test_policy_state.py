@@ -22,7 +22,9 @@ SPEC = Bounded(-torch.ones(ACT), torch.ones(ACT), (ACT,))
 
 
 def generic_critic(num_cells=(16, 16)):
-    return ValueOperator(MLP(in_features=OBS + ACT, out_features=1, num_cells=list(num_cells)), in_keys=["observation", "action"])
+    return ValueOperator(
+        MLP(in_features=OBS + ACT, out_features=1, num_cells=list(num_cells)), in_keys=["observation", "action"]
+    )
 
 
 def make_actor(critic_kind="soft_q", seed=0, **kwargs):
@@ -146,7 +148,9 @@ def batch(n=8):
     )
 
 
-@pytest.mark.parametrize("make_loss", [s2ac_loss, lambda: s2ac_loss(amortized=True), sql_loss], ids=["s2ac", "s2ac-amortized", "sql"])
+@pytest.mark.parametrize(
+    "make_loss", [s2ac_loss, lambda: s2ac_loss(amortized=True), sql_loss], ids=["s2ac", "s2ac-amortized", "sql"]
+)
 def test_deepcopy_of_a_loss_trains_its_own_parameters(make_loss):
     original = make_loss()
     loss = copy.deepcopy(original)
@@ -187,7 +191,12 @@ def test_training_on_a_rollout_collected_with_gradients_on():
     torch.manual_seed(0)
     env = MultiGoalEnv(max_steps=10)
     actor = SVGDActor(
-        env.action_spec, SoftQCritic(2, 2, num_cells=(16,)), num_particles=4, num_steps=2, num_cells=(16,), max_step_ratio=0.5
+        env.action_spec,
+        SoftQCritic(2, 2, num_cells=(16,)),
+        num_particles=4,
+        num_steps=2,
+        num_cells=(16,),
+        max_step_ratio=0.5,
     )
     loss = S2ACLoss(actor, fixed_alpha=False).make_value_estimator(gamma=0.9)
     with set_exploration_type(ExplorationType.RANDOM):

@@ -205,3 +205,24 @@ def test_sampler_learns_a_bimodal_target_from_a_fixed_critic():
     expected = (density[grid > 0.5].sum() / density.sum()).item()  # ~0.41 per mode (a uniform sampler: 0.25)
     assert abs((actions > 0.5).float().mean().item() - expected) < 0.1
     assert abs((actions < -0.5).float().mean().item() - expected) < 0.1
+
+
+def test_input_tensordict_is_left_unchanged_and_state_dict_round_trips():
+    loss, _, _ = build()
+    td = batch()
+    before = td.clone()
+    loss(td)
+    assert set(td.keys(True, True)) - set(before.keys(True, True)) == {loss.tensor_keys.priority}
+    for key, value in before.items(True, True):
+        assert torch.equal(td[key], value), key
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.add_(0.1)
+    torch.manual_seed(3)
+    expected = loss(before.clone())
+    other, _, _ = build()
+    other.load_state_dict(loss.state_dict())
+    torch.manual_seed(3)
+    got = other(before.clone())
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])

@@ -169,6 +169,15 @@ class SteinEntropy(nn.Module):
             disables the check.
         check_finite (bool): raise :class:`SVGDNumericalError`, naming the step,
             when NaN or inf appears (default ``True``).
+
+    Checks and warnings synchronise with the device once per call, after the last step, not per step.
+
+    Examples:
+        >>> stein = SteinEntropy(RBFKernel(), step_size=0.1, num_steps=3)
+        >>> particles, log_q0 = torch.randn(5, 10, 2), torch.zeros(5, 10)
+        >>> out = stein.sample(lambda u: -0.5 * u.square().sum(-1), particles, log_q0)  # target N(0, I)
+        >>> out.particles.shape, out.log_prob.shape, out.step_ratio.shape
+        (torch.Size([5, 10, 2]), torch.Size([5, 10]), torch.Size([3]))
     """
 
     def __init__(

@@ -46,6 +46,17 @@ class SoftQCritic(TensorDictModuleBase):
             shaped ``[*batch, 1]``.
         in_keys: observation and action keys. Defaults to ``["observation", "action"]``.
         out_keys: value key. Defaults to ``["state_action_value"]``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> critic = SoftQCritic(3, 2, num_cells=[32], num_qvalue_nets=2)
+        >>> critic(TensorDict({"observation": torch.randn(4, 3), "action": torch.randn(4, 2)}, [4]))[
+        ...     "state_action_value"
+        ... ].shape
+        torch.Size([4, 2])
+        >>> q, dq_da = critic.values_and_action_grad(torch.randn(4, 3), torch.randn(4, 2))  # closed-form grad_a Q_k
+        >>> q.shape, dq_da.shape
+        (torch.Size([2, 4]), torch.Size([2, 4, 2]))
     """
 
     def __init__(
@@ -190,7 +201,8 @@ class CriticEnsemble(TensorDictModuleBase):
 
     Examples:
         >>> from torchrl.modules import MLP, ValueOperator
-        >>> critic = ValueOperator(MLP(in_features=5, out_features=1, num_cells=[32]), in_keys=["observation", "action"])
+        >>> mlp = MLP(in_features=5, out_features=1, num_cells=[32])
+        >>> critic = ValueOperator(mlp, in_keys=["observation", "action"])
         >>> ensemble = CriticEnsemble(critic, 2, observation_dim=3, action_dim=2)
         >>> ensemble.ensemble_values(torch.randn(4, 3), torch.randn(4, 2)).shape
         torch.Size([2, 4])
@@ -225,7 +237,9 @@ class CriticEnsemble(TensorDictModuleBase):
         if extra:
             raise ValueError(f"CriticEnsemble: the critic may read only the observation and the action, not {extra}.")
         if value_key not in critic.out_keys:
-            raise ValueError(f"CriticEnsemble: the critic must write {value_key!r}; its out_keys are {critic.out_keys}.")
+            raise ValueError(
+                f"CriticEnsemble: the critic must write {value_key!r}; its out_keys are {critic.out_keys}."
+            )
         self.in_keys = [observation_key, action_key]
         self.out_keys = [value_key]
         self.observation_dim, self.action_dim = int(observation_dim), int(action_dim)
@@ -242,7 +256,9 @@ class CriticEnsemble(TensorDictModuleBase):
         factory = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
         # One probe call, so that a critic with the wrong output is refused here with its shape named.
         with torch.no_grad():
-            self.ensemble_values(torch.zeros(1, self.observation_dim, **factory), torch.zeros(1, self.action_dim, **factory))
+            self.ensemble_values(
+                torch.zeros(1, self.observation_dim, **factory), torch.zeros(1, self.action_dim, **factory)
+            )
 
     def ensemble_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         r""":math:`Q_k(s, a)` for every member: ``[*batch, obs], [*batch, act] -> [num_qvalue_nets, *batch]``.
@@ -294,7 +310,7 @@ def as_critic_ensemble(
             )
         if critic.action_dim != action_dim:
             raise ValueError(
-                f"{owner}: critic.action_dim={critic.action_dim} does not match the action spec's last dim {action_dim}."
+                f"{owner}: critic.action_dim={critic.action_dim} does not match the action's last dim {action_dim}."
             )
         if observation_dim is not None and critic.observation_dim != observation_dim:
             raise ValueError(

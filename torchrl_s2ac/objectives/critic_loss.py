@@ -97,7 +97,7 @@ class SoftQCriticLoss(LossModule):
         name = type(self).__name__
         if not isinstance(qvalue_network, (SoftQCritic, CriticEnsemble)):
             raise TypeError(
-                f"{name}: qvalue_network must be a SoftQCritic or a CriticEnsemble, got {type(qvalue_network).__name__}."
+                f"{name}: qvalue_network must be a SoftQCritic or CriticEnsemble, got {type(qvalue_network).__name__}."
             )
         if loss_function not in ("l2", "l1", "smooth_l1"):
             raise ValueError(f"{name}: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")

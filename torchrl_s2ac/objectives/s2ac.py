@@ -127,8 +127,10 @@ class S2ACLoss(SoftQCriticLoss):
             raise TypeError(f"S2ACLoss: actor_network must be an SVGDActor, got {type(actor_network).__name__}.")
         critic = actor_network.critic
         given = qvalue_network
-        if given is not None and given is not critic and not (
-            isinstance(critic, CriticEnsemble) and given is critic.members[0]
+        if (
+            given is not None
+            and given is not critic
+            and not (isinstance(critic, CriticEnsemble) and given is critic.members[0])
         ):
             raise ValueError(
                 "S2ACLoss: qvalue_network must be the critic the actor samples from (actor_network.critic)."
