@@ -96,6 +96,7 @@ class SVGDActor(TensorDictModuleBase):
         std_bounds (tuple): clamp on :math:`\sigma`. Defaults to ``(0.1, 1.0)``.
         max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
         warn_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``1.0``.
+        check_finite (bool): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``True``.
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
             ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q),
             ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`) or
@@ -155,6 +156,7 @@ class SVGDActor(TensorDictModuleBase):
         std_bounds: tuple[float, float] = (0.1, 1.0),
         max_step_ratio: float | None = None,
         warn_ratio: float | None = 1.0,
+        check_finite: bool = True,
         train_selection: str = "random",
         eval_selection: str = "max",
         default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
@@ -211,6 +213,7 @@ class SVGDActor(TensorDictModuleBase):
             num_steps,
             max_step_ratio=max_step_ratio,
             warn_ratio=warn_ratio,
+            check_finite=check_finite,
         )
         self.critic = critic
         self.temperature = Temperature(alpha)
