@@ -243,12 +243,12 @@ def device(value: str | None) -> torch.device:
 
 def network_device(cfg: DictConfig) -> torch.device:
     """Where the models, the loss, the sampled batches and evaluation live (``network.device``)."""
-    return device(cfg.network.device)
+    return device(cfg.network.get("device"))  # absent from configs saved before the option existed
 
 
 def collector_device(cfg: DictConfig) -> torch.device:
     """Where the collector runs the policy (``collector.device``; null: ``network.device``)."""
-    return device(cfg.collector.device or cfg.network.device)
+    return device(cfg.collector.device or cfg.network.get("device"))
 
 
 def ray_init_config(cfg: DictConfig) -> dict:

@@ -8,6 +8,7 @@ from torch import nn
 from torchrl.data import Bounded
 from torchrl.modules import MLP, ValueOperator
 
+from helpers import transition_batch
 from torchrl_s2ac import AmortizedSampler, CriticEnsemble, S2ACLoss, SoftQCritic, SQLLoss, SVGDActor
 
 DT = torch.float64
@@ -35,22 +36,11 @@ def generic_copy_of(critic: SoftQCritic) -> CriticEnsemble:
     return ensemble
 
 
-def batch(n=6):
-    terminated = torch.zeros(n, 1, dtype=torch.bool)
-    terminated[::2] = True
-    return TensorDict(
-        {
-            "observation": torch.randn(n, OBS, dtype=DT),
-            "action": torch.rand(n, ACT, dtype=DT) * 2 - 1,
-            "next": {
-                "observation": torch.randn(n, OBS, dtype=DT),
-                "reward": torch.randn(n, 1, dtype=DT),
-                "done": terminated.clone(),
-                "terminated": terminated,
-            },
-        },
-        [n],
-    )
+def soft_q_and_generic_copy():
+    """A SoftQCritic, a generic ensemble with its weights, and a batch."""
+    torch.manual_seed(0)
+    critic = SoftQCritic(OBS, ACT, num_cells=CELLS, num_qvalue_nets=2).to(DT)
+    return critic, generic_copy_of(critic), transition_batch(6, OBS, ACT, DT)
 
 
 def losses_and_grads(loss, data, seed):
@@ -67,10 +57,7 @@ def losses_and_grads(loss, data, seed):
 
 
 def test_generic_critic_gives_the_soft_q_critic_losses_and_gradients():
-    torch.manual_seed(0)
-    critic = SoftQCritic(OBS, ACT, num_cells=CELLS, num_qvalue_nets=2).to(DT)
-    generic = generic_copy_of(critic)
-    data = batch()
+    critic, generic, data = soft_q_and_generic_copy()
     results = []
     for energy in (critic, generic):
         torch.manual_seed(1)
@@ -103,10 +90,7 @@ def generic_copy_grads(ensemble, member):
 
 
 def test_sql_accepts_a_generic_critic():
-    torch.manual_seed(0)
-    critic = SoftQCritic(OBS, ACT, num_cells=CELLS, num_qvalue_nets=2).to(DT)
-    generic = generic_copy_of(critic)
-    data = batch()
+    critic, generic, data = soft_q_and_generic_copy()
     outs = []
     for energy in (critic, generic):
         torch.manual_seed(1)

@@ -8,6 +8,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.objectives import SoftUpdate
 
+from helpers import assert_input_left_unchanged
 from torchrl_s2ac import RBFKernel, S2ACLoss, SoftQCritic, SVGDActor, sample_truncated_normal
 
 DT = torch.float64
@@ -312,9 +313,4 @@ def test_state_dict_round_trip():
 
 def test_input_tensordict_is_left_unchanged_except_the_declared_outputs():
     loss, _, _ = build()
-    td = batch()
-    before = td.clone()
-    loss(td)
-    assert set(td.keys(True, True)) - set(before.keys(True, True)) == {loss.tensor_keys.priority}
-    for key, value in before.items(True, True):
-        assert torch.equal(td[key], value), key
+    assert_input_left_unchanged(loss, batch())

@@ -15,6 +15,7 @@ from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ValueOperator
 
+from helpers import transition_batch
 from torchrl_s2ac import AmortizedSampler, S2ACLoss, SoftQCritic, SQLLoss, SVGDActor
 
 OBS, ACT = 3, 2
@@ -133,19 +134,7 @@ def sql_loss():
 
 
 def batch(n=8):
-    return TensorDict(
-        {
-            "observation": torch.randn(n, OBS),
-            "action": torch.rand(n, ACT) * 2 - 1,
-            "next": {
-                "observation": torch.randn(n, OBS),
-                "reward": torch.randn(n, 1),
-                "done": torch.zeros(n, 1, dtype=torch.bool),
-                "terminated": torch.zeros(n, 1, dtype=torch.bool),
-            },
-        },
-        [n],
-    )
+    return transition_batch(n, OBS, ACT)
 
 
 @pytest.mark.parametrize(

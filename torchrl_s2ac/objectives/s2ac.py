@@ -78,27 +78,14 @@ class S2ACLoss(SoftQCriticLoss):
     :math:`m` particles: the scale of the energy differences SVGD sees, to compare with :math:`\alpha`).
 
     Examples:
-        >>> from tensordict import TensorDict
-        >>> from torchrl.data import Bounded
         >>> from torchrl_s2ac import SoftQCritic, SVGDActor
-        >>> spec = Bounded(-torch.ones(2), torch.ones(2), (2,))
-        >>> actor = SVGDActor(spec, SoftQCritic(3, 2, num_cells=[32]), num_particles=4, num_cells=[32])
+        >>> from torchrl_s2ac.envs import MultiGoalEnv
+        >>> env = MultiGoalEnv()  # 2-d observations and actions
+        >>> actor = SVGDActor(env.action_spec, SoftQCritic(2, 2, num_cells=[32]), num_particles=4, num_cells=[32])
         >>> loss = S2ACLoss(actor)
         >>> loss.make_value_estimator(gamma=0.99)  # doctest: +ELLIPSIS
         S2ACLoss(...)
-        >>> data = TensorDict(
-        ...     {
-        ...         "observation": torch.randn(8, 3),
-        ...         "action": torch.rand(8, 2) * 2 - 1,
-        ...         "next": {
-        ...             "observation": torch.randn(8, 3),
-        ...             "reward": torch.randn(8, 1),
-        ...             "done": torch.zeros(8, 1, dtype=torch.bool),
-        ...             "terminated": torch.zeros(8, 1, dtype=torch.bool),
-        ...         },
-        ...     },
-        ...     [8],
-        ... )
+        >>> data = env.rollout(8)  # transitions with random actions
         >>> losses = loss(data)
         >>> (losses["loss_actor"] + losses["loss_qvalue"]).backward()
         >>> sorted(key for key in losses.keys() if key.startswith("loss_"))

@@ -73,26 +73,13 @@ class SQLLoss(SoftQCriticLoss):
     :math:`\|\phi(u_i)\|`: how far the sampler is from a fixed point).
 
     Examples:
-        >>> from tensordict import TensorDict
-        >>> from torchrl.data import Bounded
         >>> from torchrl_s2ac import AmortizedSampler, SoftQCritic
-        >>> spec = Bounded(-torch.ones(2), torch.ones(2), (2,))
-        >>> loss = SQLLoss(AmortizedSampler(spec, 3, num_cells=[32]), SoftQCritic(3, 2, num_cells=[32]))
+        >>> from torchrl_s2ac.envs import MultiGoalEnv
+        >>> env = MultiGoalEnv()  # 2-d observations and actions
+        >>> loss = SQLLoss(AmortizedSampler(env.action_spec, 2, num_cells=[32]), SoftQCritic(2, 2, num_cells=[32]))
         >>> loss.make_value_estimator(gamma=0.99)  # doctest: +ELLIPSIS
         SQLLoss(...)
-        >>> data = TensorDict(
-        ...     {
-        ...         "observation": torch.randn(8, 3),
-        ...         "action": torch.rand(8, 2) * 2 - 1,
-        ...         "next": {
-        ...             "observation": torch.randn(8, 3),
-        ...             "reward": torch.randn(8, 1),
-        ...             "done": torch.zeros(8, 1, dtype=torch.bool),
-        ...             "terminated": torch.zeros(8, 1, dtype=torch.bool),
-        ...         },
-        ...     },
-        ...     [8],
-        ... )
+        >>> data = env.rollout(8)  # transitions with random actions
         >>> losses = loss(data)
         >>> (losses["loss_actor"] + losses["loss_qvalue"]).backward()
         >>> sorted(losses.keys())
