@@ -123,7 +123,7 @@ class SQLLoss(SoftQCriticLoss):
             reduction=reduction,
             use_prioritized_weights=use_prioritized_weights,
         )
-        self.temperature = Temperature(alpha_init)
+        self.temperature = Temperature(alpha_init).to(next(qvalue_network.parameters()).device)
         self.num_value_samples = num_value_samples
         self.num_particles = num_particles
         self.kernel = kernel if kernel is not None else RBFKernel()
