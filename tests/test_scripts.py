@@ -217,6 +217,7 @@ def test_ray_backend_from_another_directory(tmp_path):
         ("s2ac", "optim.batch_size=5000", "optim.batch_size=5000 is larger than the data available"),
         ("sql", "sql.num_particles=1", "sql.num_particles=1 must be >= 2"),
         ("sql", "sql.alpha=-1", "sql.alpha=-1 must be > 0"),
+        ("sac", "network.device=gpu7", "network.device='gpu7' is not a torch device"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(tmp_path, script, override, message):
