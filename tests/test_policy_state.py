@@ -156,6 +156,8 @@ def test_deepcopy_of_a_loss_trains_its_own_parameters(make_loss):
     assert not unchanged, f"Adam did not change {unchanged}"
     for name, p in original.named_parameters():  # the original is independent of its copy
         assert torch.equal(p.detach(), untouched[name]) and p.grad is None, name
+    # The copy's policy holds the parameters the copy trains.
+    assert {id(p) for p in loss.actor_network.parameters()} <= {id(p) for p in trainable.values()}
 
 
 def test_loss_parameter_sets_are_disjoint_and_the_actor_acts_with_the_trained_ones():

@@ -9,6 +9,7 @@ where each loss defines its own estimate of the soft value :math:`V(s')`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,20 @@ class SoftQCriticLoss(LossModule):
         # SoftQCritic and CriticEnsemble hold their members' parameters themselves (no expansion here):
         # qvalue_network_params are the critic module's own parameters.
         self.convert_to_functional(qvalue_network, "qvalue_network", create_target_params=delay_qvalue)
+
+    def __deepcopy__(self, memo: dict) -> SoftQCriticLoss:
+        """A copy whose networks hold the copy's parameters, so the copied policy acts with what the copy trains.
+
+        (A ``TensorDictParams`` deep copy ignores ``memo``: without this, the copied actor and critic would keep
+        parameters of their own, apart from the copied ``*_params`` the copied loss trains.)
+        """
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+        copied.actor_network_params.to_module(copied.actor_network)
+        copied.qvalue_network_params.to_module(copied.qvalue_network)
+        return copied
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
