@@ -91,7 +91,7 @@ def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
     )
 
 
-def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile=False, amortized=False):
+def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile_acting=False, amortized=False):
     critic = SoftQCritic(obs_dim, act_dim)
     spec = Bounded(-1.0, 1.0, (act_dim,))
     actor = SVGDActor(
@@ -101,7 +101,7 @@ def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile=False, amortized=False):
         num_steps=steps,
         max_step_ratio=0.5,
         warn_ratio=None,
-        compile=compile,
+        compile_acting=compile_acting,
         amortized_sampler=AmortizedSampler(spec, obs_dim) if amortized else None,
         train_selection="amortized" if amortized else "random",
     )
@@ -250,7 +250,7 @@ def main() -> None:
     ]
 
     # Acting.
-    compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile=True)
+    compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile_acting=True)
     lines += [
         "",
         "## Acting (Hopper-v5 shapes), actions per second",
@@ -261,8 +261,8 @@ def main() -> None:
     for label, actor, exploration in (
         ("S2AC", s2ac_actor, ExplorationType.RANDOM),
         ("S2AC", s2ac_actor, ExplorationType.DETERMINISTIC),
-        ("S2AC, compile=True", compiled_actor, ExplorationType.RANDOM),
-        ("S2AC, compile=True", compiled_actor, ExplorationType.DETERMINISTIC),
+        ("S2AC, compile_acting=True", compiled_actor, ExplorationType.RANDOM),
+        ("S2AC, compile_acting=True", compiled_actor, ExplorationType.DETERMINISTIC),
         ("S2AC-amortized (one network pass)", amortized_actor, ExplorationType.RANDOM),
         ("SQL (one network pass)", sql_sampler, ExplorationType.RANDOM),
         ("SAC", sac_actor, ExplorationType.RANDOM),

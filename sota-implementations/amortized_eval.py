@@ -50,7 +50,7 @@ def main() -> None:
     agent = s2ac.make_agent(cfg, harness.env_specs(cfg))
     checkpoint = torch.load(args.run_dir / "checkpoints" / "last.pt", weights_only=False)
     agent.loss.load_state_dict(checkpoint["loss"])
-    actor, sampler = agent.policy.actor, agent.policy.actor.amortized_sampler
+    actor, sampler = agent.policy, agent.policy.amortized_sampler
     rows = [
         ("SVGD particles", f"training ({cfg.s2ac.train_selection})", agent.policy, ExplorationType.RANDOM),
         ("SVGD particles", f"evaluation ({cfg.s2ac.eval_selection})", agent.policy, ExplorationType.DETERMINISTIC),

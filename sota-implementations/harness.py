@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import random
@@ -55,8 +56,11 @@ from torchrl.objectives import HardUpdate, LossModule, SoftUpdate, group_optimiz
 from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
+import torchrl_s2ac
 from torchrl_s2ac import SoftQCritic
 from torchrl_s2ac.envs import until_first_done
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
@@ -117,6 +121,17 @@ def validate_common(cfg: DictConfig) -> None:
     need(c.learning_starts >= 0, f"collector.learning_starts={c.learning_starts} must be >= 0.")
     need(c.backend in ("direct", "process", "ray"), f"collector.backend={c.backend!r} must be direct, process or ray.")
     need(c.num_workers >= 1, f"collector.num_workers={c.num_workers} must be >= 1.")
+    if c.backend == "ray":
+        need(
+            importlib.util.find_spec("ray") is not None,
+            "collector.backend=ray needs ray: pip install 'torchrl_s2ac[distributed]'.",
+        )
+    for name, value in (("network.device", cfg.network.device), ("collector.device", c.device)):
+        if value:
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ConfigError(f"{name}={value!r} is not a torch device.") from None
     need(
         optim.batch_size <= max(c.learning_starts, c.frames_per_batch),
         f"optim.batch_size={optim.batch_size} is larger than the data available when updates start "
@@ -150,11 +165,32 @@ def validate_common(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------
 
 
+@functools.cache  # once per process
+def _drop_mujoco_settotalmass_warning() -> None:
+    """MuJoCo >= 3.3 prints a deprecation warning for the ``settotalmass`` compiler attribute of gymnasium's
+    v5 XMLs each time a model is compiled (every env copy, every process). Drop exactly that message; every
+    other MuJoCo warning is still printed."""
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+
+    def warn(message: str) -> None:
+        if "'settotalmass' is deprecated" in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:
+            print(f"WARNING: {message}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(warn)
+
+
 def _base_env(cfg: DictConfig, from_pixels: bool = False) -> EnvBase:
     if cfg.env.library == "multigoal":
         from torchrl_s2ac.envs import MultiGoalEnv
 
         return MultiGoalEnv(**multigoal_kwargs(cfg))
+    _drop_mujoco_settotalmass_warning()
     with set_gym_backend("gymnasium"):
         return GymEnv(cfg.env.name, from_pixels=from_pixels, pixels_only=False)
 
@@ -170,13 +206,18 @@ def multigoal_kwargs(cfg: DictConfig) -> dict:
     }
 
 
-def make_env(cfg: DictConfig, num_envs: int, from_pixels: bool = False) -> TransformedEnv:
-    """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms."""
+def make_env(
+    cfg: DictConfig, num_envs: int, from_pixels: bool = False, device: torch.device | None = None
+) -> TransformedEnv:
+    """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms.
+
+    ``device``: where the env's outputs are placed (the policy's device for evaluation).
+    """
     creator = EnvCreator(functools.partial(_base_env, cfg, from_pixels))
     if cfg.env.parallel:
-        batched = ParallelEnv(num_envs, creator, serial_for_single=True)
+        batched = ParallelEnv(num_envs, creator, serial_for_single=True, device=device)
     else:
-        batched = SerialEnv(num_envs, creator)
+        batched = SerialEnv(num_envs, creator, device=device)
     return TransformedEnv(
         batched,
         Compose(InitTracker(), StepCounter(cfg.env.max_episode_steps), DoubleToFloat(), RewardSum()),
@@ -193,33 +234,74 @@ def env_specs(cfg: DictConfig) -> EnvBase:
 # ---------------------------------------------------------------------------
 
 
+def device(value: str | None) -> torch.device:
+    """A ``network.device`` / ``collector.device`` setting: null picks ``cuda:0`` when available, else the CPU."""
+    if value:
+        return torch.device(value)
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def network_device(cfg: DictConfig) -> torch.device:
+    """Where the models, the loss, the sampled batches and evaluation live (``network.device``)."""
+    return device(cfg.network.get("device"))  # absent from configs saved before the option existed
+
+
+def collector_device(cfg: DictConfig) -> torch.device:
+    """Where the collector runs the policy (``collector.device``; null: ``network.device``)."""
+    return device(cfg.collector.device or cfg.network.get("device"))
+
+
+def ray_init_config(cfg: DictConfig) -> dict:
+    """The Ray runtime of ``collector.backend=ray``: a local one (``collector.ray_address`` null) or an
+    existing cluster (``"auto"``, ``"ray://host:10001"``). Its workers unpickle the env constructor, which
+    lives in this directory's ``harness`` module, and the policy (``torchrl_s2ac``): both are shipped with
+    the job (``working_dir``, ``py_modules``), so they import from any working directory and on any node."""
+    from torchrl.collectors.distributed.ray import DEFAULT_RAY_INIT_CONFIG
+
+    runtime_env = {
+        "working_dir": str(SCRIPTS_DIR),
+        "excludes": ["outputs/", "multirun/", "checkpoints/", "wandb/", "__pycache__/"],
+        "py_modules": [str(Path(torchrl_s2ac.__file__).parent)],
+    }
+    return {**DEFAULT_RAY_INIT_CONFIG, "address": cfg.collector.ray_address, "runtime_env": runtime_env}
+
+
 def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int):
+    """The collector of ``collector.backend``; the loop calls its ``update_policy_weights_()`` after each
+    round of updates, so that workers holding a copy of the policy act with the trained weights."""
     c = cfg.collector
     env_fn = functools.partial(make_env, cfg, cfg.env.num_envs)
     kwargs = dict(
         frames_per_batch=c.frames_per_batch,
         total_frames=total_frames,
         init_random_frames=init_random_frames,
-        device=c.device,
+        device=collector_device(cfg),
         exploration_type=ExplorationType.RANDOM,
     )
     if c.backend == "direct":
         collector = Collector(env_fn(), policy, **kwargs)
     else:
+        if c.backend == "ray":
+            kwargs["ray_init_config"] = ray_init_config(cfg)
         collector = Collector(
             [env_fn] * c.num_workers, policy, backend=c.backend, num_collectors=c.num_workers, sync=True, **kwargs
         )
     collector.set_seed(cfg.seed)
+    collector.update_policy_weights_()  # workers start from the policy's current (e.g. resumed) weights
     return collector
 
 
 def make_replay_buffer(cfg: DictConfig) -> TensorDictReplayBuffer:
-    rb = cfg.replay_buffer
+    """Sampled batches are on ``network.device`` (a memmap storage stays on disk and moves each batch)."""
+    rb, target = cfg.replay_buffer, network_device(cfg)
     if rb.storage == "memmap":
         storage = LazyMemmapStorage(rb.size, scratch_dir=rb.scratch_dir)
     else:
-        storage = LazyTensorStorage(rb.size)
-    return TensorDictReplayBuffer(storage=storage, batch_size=cfg.optim.batch_size)
+        storage = LazyTensorStorage(rb.size, device=target)
+    buffer = TensorDictReplayBuffer(storage=storage, batch_size=cfg.optim.batch_size)
+    if rb.storage == "memmap" and target.type != "cpu":
+        buffer.append_transform(functools.partial(TensorDict.to, device=target, non_blocking=True))
+    return buffer
 
 
 def sweep_name() -> str | None:
@@ -323,7 +405,7 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
 
 
 def make_eval_env(cfg: DictConfig, logger) -> EnvBase:
-    env = make_env(cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video))
+    env = make_env(cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video), device=network_device(cfg))
     if cfg.logger.video:
         env.append_transform(VideoRecorder(logger, tag="eval/video", in_keys=["pixels"]))
     return env
@@ -440,7 +522,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     collector = (
         make_collector(cfg, agent.policy, remaining, max(0, cfg.collector.init_random_frames - state["frames"]))
         if remaining > 0
-        else []
+        else None
     )
     eval_env = make_eval_env(cfg, logger)
     checkpoint_path = Path(cfg.checkpoint.dir).absolute() / "last.pt"
@@ -466,7 +548,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
     stop = StopRequest()
     try:
-        for data in collector:
+        for data in collector if collector is not None else ():
             with timeit("rb_extend"):
                 replay_buffer.extend(data.reshape(-1))
             state["frames"] += data.numel()
@@ -481,6 +563,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
                 with timeit("update"):
                     batch_metrics = torch.stack([update(replay_buffer.sample()) for _ in range(num_updates)])
                 state["updates"] += num_updates
+                collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
                 for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
                     if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
                         window.setdefault(f"train/{key}", []).append(value.float().mean().item())
@@ -508,7 +591,7 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     finally:
         stop.restore()
         progress.close()
-        if collector:
+        if collector is not None:
             collector.shutdown()
             # torchrl 0.14: a weight-sync scheme left to its __del__ at interpreter exit deadlocks
             # (it starts a queue thread during finalisation); stop it while the interpreter is alive.

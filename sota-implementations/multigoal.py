@@ -95,8 +95,8 @@ def load_agent(run: MultiGoalRun):
 def policies(agent, run: MultiGoalRun) -> dict:
     """The policies to test from one run: S2AC gives two (SVGD particles, amortized sampler)."""
     found = {run.label: agent.policy}
-    if run.algorithm == "s2ac" and agent.policy.actor.amortized_sampler is not None:
-        found[f"{run.label}-amortized"] = agent.policy.actor.amortized_sampler
+    if run.algorithm == "s2ac" and agent.policy.amortized_sampler is not None:
+        found[f"{run.label}-amortized"] = agent.policy.amortized_sampler
     return found
 
 
@@ -125,7 +125,7 @@ def probe_actions(agent, label: str):
     """``PROBE_ACTIONS`` actions per probe state ``[P, n, 2]`` and the policy's own entropy estimate (or None)."""
     obs = torch.tensor(PROBE_STATES)
     if label.startswith("S2AC") and not label.endswith("amortized"):
-        actor = agent.policy.actor
+        actor = agent.policy
         repeats = PROBE_ACTIONS // actor.num_particles
         sample = actor.sample_particles(obs.repeat_interleave(repeats, 0))
         actions = sample.action.reshape(len(obs), repeats * actor.num_particles, 2)
@@ -134,7 +134,7 @@ def probe_actions(agent, label: str):
         dist = agent.policy.get_dist(TensorDict({"observation": obs}, [len(obs)]))
         actions = dist.sample((PROBE_ACTIONS,))
         return actions.transpose(0, 1), -dist.log_prob(actions).mean(0)
-    sampler = agent.policy if label == "SQL" else agent.policy.actor.amortized_sampler
+    sampler = agent.policy if label == "SQL" else agent.policy.amortized_sampler
     return sampler.sample(obs, PROBE_ACTIONS).action, None
 
 
@@ -203,7 +203,7 @@ def main() -> None:
             if own is not None:
                 estimate_gap.setdefault(label, []).append(own - knn)
             if label == run.label and run.algorithm == "s2ac":
-                _, scale = agent.policy.actor.init_distribution(torch.tensor(PROBE_STATES))
+                _, scale = agent.policy.init_distribution(torch.tensor(PROBE_STATES))
                 init_std.append(f"{label} seed {run.seed}: {scale.min():.2f}-{scale.max():.2f}")
             for obstacle in (False, True):
                 result = test_episodes(policy, run.cfg, obstacle)

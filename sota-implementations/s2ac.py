@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import harness
-from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor, SVGDPolicy
+from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor
 
 
 def validate(cfg: DictConfig) -> None:
@@ -57,14 +57,14 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         max_step_ratio=s.max_step_ratio,
         train_selection=s.train_selection,
         eval_selection=s.eval_selection,
-        compile=s.get("compile", False),  # absent from configs saved before the option existed
+        compile_acting=s.get("compile", False),  # absent from configs saved before the option existed
         amortized_sampler=sampler,
-    )
+    ).to(harness.network_device(cfg))  # the critic and the temperature are the actor's: they move with it
     loss = S2ACLoss(actor, fixed_alpha=s.fixed_alpha, target_entropy=s.target_entropy)
     loss.make_value_estimator(gamma=cfg.optim.gamma)
     return harness.Agent(
         loss=loss,
-        policy=SVGDPolicy(actor),
+        policy=actor,  # holds the critic and the temperature: weight syncs and checkpoints carry them
         optimizers=harness.make_optimizers(cfg, loss),
     )
 

@@ -52,6 +52,8 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         ),
         in_keys=["observation", "action"],
     )
+    device = harness.network_device(cfg)
+    actor, critic = actor.to(device), critic.to(device)
     loss = SACLoss(
         actor,
         critic,

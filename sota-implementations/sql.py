@@ -30,14 +30,15 @@ def validate(cfg: DictConfig) -> None:
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
     s, net = cfg.sql, cfg.network
     obs_dim = env.observation_spec["observation"].shape[-1]
-    critic = harness.make_critic(cfg, env)
+    device = harness.network_device(cfg)
+    critic = harness.make_critic(cfg, env).to(device)
     sampler = AmortizedSampler(
         env.action_spec, obs_dim, num_cells=net.sampler_cells, activation_class=harness.activation(cfg)
-    )
+    ).to(device)
     loss = SQLLoss(
         sampler,
         critic,
-        alpha=s.alpha,
+        alpha_init=s.alpha,
         num_value_samples=s.num_value_samples,
         num_particles=s.num_particles,
         kernel=RBFKernel(sigma=s.kernel_sigma, rule=s.kernel_rule),

@@ -8,6 +8,7 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.objectives import SoftUpdate
 
+from helpers import assert_input_left_unchanged
 from torchrl_s2ac import RBFKernel, S2ACLoss, SoftQCritic, SVGDActor, sample_truncated_normal
 
 DT = torch.float64
@@ -289,3 +290,27 @@ def test_errors():
     td["next", "reward"] = torch.randn(5, 3, dtype=DT)
     with pytest.raises(ValueError, match=r"\(.next., .reward.\) has shape \(5, 3\)"):
         loss(td)
+
+
+def test_state_dict_round_trip():
+    loss, actor, _ = build(fixed_alpha=False)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for _ in range(2):
+        SoftUpdate(loss, eps=0.5).step()  # targets differ from the online critic
+    other, _, _ = build(fixed_alpha=False)
+    other.load_state_dict(loss.state_dict())
+    td = batch()
+    torch.manual_seed(3)
+    expected = loss(td.clone())
+    torch.manual_seed(3)
+    got = other(td.clone())
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])
+    torch.testing.assert_close(other.actor_network.alpha, actor.alpha)
+
+
+def test_input_tensordict_is_left_unchanged_except_the_declared_outputs():
+    loss, _, _ = build()
+    assert_input_left_unchanged(loss, batch())

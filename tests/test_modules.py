@@ -12,7 +12,7 @@ from torchrl.data import Bounded, Unbounded
 from torchrl.envs import Compose, DoubleToFloat, GymEnv, InitTracker, SerialEnv, StepCounter, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_s2ac import SoftQCritic, SVGDActor, SVGDPolicy, TanhSquash
+from torchrl_s2ac import SoftQCritic, SVGDActor, TanhSquash
 
 DT = torch.float64
 
@@ -143,20 +143,20 @@ def test_explicit_score_matches_autograd_score(monkeypatch):
     torch.testing.assert_close(explicit.log_prob, autograd.log_prob)
 
 
-def test_actor_parameters_exclude_critic_and_no_grad_outputs_are_detached():
+def test_actor_registers_its_critic_and_no_grad_outputs_are_detached():
     actor, critic = make_actor()
     actor_params = {id(p) for p in actor.parameters()}
-    assert not actor_params & {id(p) for p in critic.parameters()}
+    critic_params = {id(p) for p in critic.parameters()}
+    assert critic_params < actor_params and actor.critic is critic
+    assert {id(p) for p in actor.init_network.parameters()} == actor_params - critic_params
     with torch.no_grad():
         td = actor(TensorDict({"observation": torch.randn(3, 3)}, [3]))
     assert not td["action"].requires_grad
-    policy = SVGDPolicy(actor)
-    assert {id(p) for p in policy.parameters()} == actor_params | {id(p) for p in critic.parameters()}
 
 
 def test_fixed_initial_distribution():
-    actor, _ = make_actor(fixed_init_std=0.5)
-    assert actor.init_network is None and not list(actor.parameters())
+    actor, critic = make_actor(fixed_init_std=0.5)
+    assert actor.init_network is None and {id(p) for p in actor.parameters()} == {id(p) for p in critic.parameters()}
     loc, scale = actor.init_distribution(torch.randn(4, 3))
     assert (loc == 0).all() and (scale == 0.5).all()
 
@@ -171,8 +171,8 @@ def test_actor_errors():
         SVGDActor(Bounded(-1, 1, (3,)), critic)
     with pytest.raises(ValueError, match="train_selection"):
         SVGDActor(Bounded(-1, 1, (2,)), critic, train_selection="best")
-    with pytest.raises(TypeError, match="SoftQCritic"):
-        SVGDActor(Bounded(-1, 1, (2,)), nn.Linear(5, 1))
+    with pytest.raises(TypeError, match="TensorDict module"):
+        SVGDActor(Bounded(-1, 1, (2,)), nn.Linear(5, 1), observation_dim=3)
     actor = SVGDActor(Bounded(-1, 1, (2,)), critic)
     with pytest.raises(ValueError, match="observations shaped"):
         actor.sample_particles(torch.randn(4, 5))
@@ -201,7 +201,7 @@ def test_actor_in_collector(env_name, exploration):
 
 
 def test_compiled_acting_matches_eager():
-    actor, _ = make_actor(compile=True, return_log_prob=True, particle_keys=["pa", "plp"], max_step_ratio=0.5)
+    actor, _ = make_actor(compile_acting=True, return_log_prob=True, particle_keys=["pa", "plp"], max_step_ratio=0.5)
     td = TensorDict({"observation": torch.randn(4, 3)}, [4])
     # fallback_random: the compiled graph draws its random numbers as eager does, so one seed gives one sample
     with (
@@ -211,7 +211,7 @@ def test_compiled_acting_matches_eager():
     ):
         torch.manual_seed(7)
         compiled = actor(td.clone())
-        actor.compile = False
+        actor.compile_acting = False
         torch.manual_seed(7)
         eager = actor(td.clone())
     assert actor._compiled_sample is not None

@@ -10,8 +10,16 @@ from torchrl_s2ac.stein import (
     svgd_direction,
 )
 from torchrl_s2ac.distributions import TanhSquash, knn_entropy, sample_truncated_normal
-from torchrl_s2ac.modules import AmortizedSample, AmortizedSampler, ParticleSample, SoftQCritic, SVGDActor, SVGDPolicy
-from torchrl_s2ac.objectives import S2ACLoss, SoftQLoss, SQLLoss
+from torchrl_s2ac.modules import (
+    AmortizedSample,
+    AmortizedSampler,
+    CriticEnsemble,
+    ParticleSample,
+    SoftQCritic,
+    SVGDActor,
+    Temperature,
+)
+from torchrl_s2ac.objectives import S2ACLoss, SoftQCriticLoss, SQLLoss
 
 __version__ = "0.1.0"
 
@@ -29,11 +37,12 @@ __all__ = [
     "sample_truncated_normal",
     "AmortizedSample",
     "AmortizedSampler",
+    "CriticEnsemble",
     "ParticleSample",
     "SoftQCritic",
     "SVGDActor",
-    "SVGDPolicy",
+    "Temperature",
     "S2ACLoss",
-    "SoftQLoss",
+    "SoftQCriticLoss",
     "SQLLoss",
 ]

@@ -48,6 +48,11 @@ class RBFKernel(nn.Module):
               halved: :math:`h = \overline{\|u_i - u_j\|^2} / 2 / (2 \log(m + 1))`.
         min_bandwidth (float): floor on an adaptive :math:`h`, so that collapsed
             particles do not divide by zero. Defaults to ``1e-6``.
+
+    Examples:
+        >>> kernel = RBFKernel(rule="median")(torch.randn(5, 10, 2))  # 5 states, 10 particles each
+        >>> kernel.value.shape, kernel.bandwidth.shape
+        (torch.Size([5, 10, 10]), torch.Size([5, 1, 1]))
     """
 
     RULES = ("median", "mean")

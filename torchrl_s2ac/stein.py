@@ -169,6 +169,15 @@ class SteinEntropy(nn.Module):
             disables the check.
         check_finite (bool): raise :class:`SVGDNumericalError`, naming the step,
             when NaN or inf appears (default ``True``).
+
+    Checks and warnings synchronise with the device once per call, after the last step, not per step.
+
+    Examples:
+        >>> stein = SteinEntropy(RBFKernel(), step_size=0.1, num_steps=3)
+        >>> particles, log_q0 = torch.randn(5, 10, 2), torch.zeros(5, 10)
+        >>> out = stein.sample(lambda u: -0.5 * u.square().sum(-1), particles, log_q0)  # target N(0, I)
+        >>> out.particles.shape, out.log_prob.shape, out.step_ratio.shape
+        (torch.Size([5, 10, 2]), torch.Size([5, 10]), torch.Size([3]))
     """
 
     def __init__(
@@ -235,16 +244,16 @@ class SteinEntropy(nn.Module):
                 f"got {tuple(log_q0.shape)}."
             )
 
-    def _raise_if_not_finite(self, step: int, **tensors: torch.Tensor) -> None:
-        all_finite = torch.stack([torch.isfinite(value).all() for value in tensors.values()]).all()
-        if all_finite:  # one synchronisation in the common case
+    def _raise_if_not_finite(self, names: tuple[str, ...], finite: list[torch.Tensor]) -> None:
+        """``finite[step][j]`` tells whether ``names[j]`` was finite after that step; one synchronisation."""
+        flags = torch.stack(finite)  # [steps, len(names)]
+        if flags.all():
             return
-        for name, value in tensors.items():
-            if not torch.isfinite(value).all():
-                raise SVGDNumericalError(
-                    f"SVGD step {step} of {self.num_steps}: non-finite values in the {name} "
-                    f"(step_size={self.step_size}, kernel={self.kernel.extra_repr()})."
-                )
+        step, index = (~flags).nonzero()[0].tolist()
+        raise SVGDNumericalError(
+            f"SVGD step {step} of {self.num_steps}: non-finite values in the {names[index]} "
+            f"(step_size={self.step_size}, kernel={self.kernel.extra_repr()})."
+        )
 
     def sample(
         self,
@@ -272,7 +281,10 @@ class SteinEntropy(nn.Module):
         if not create_graph:
             particles = particles.detach()
             log_q0 = log_q0.detach() if track_density else None
-        log_q, ratios, capped = log_q0, [], []
+        log_q, ratios, capped, finite = log_q0, [], [], []
+        checked_names = ("score", "particles", "log_density") if track_density else ("score", "particles")
+        # Compiled callers check their outputs afterwards; eager calls check every step's tensors, on the host once.
+        check_finite = self.check_finite and not torch.compiler.is_compiling()
         for step in range(self.num_steps):
             grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
             if grad.shape != particles.shape:
@@ -301,12 +313,12 @@ class SteinEntropy(nn.Module):
             particles = particles + step_size[..., None, None] * phi
             if not create_graph:
                 particles = particles.detach()
-            if self.check_finite and not torch.compiler.is_compiling():  # compiled callers check afterwards
-                checked = {"score": grad, "particles": particles}
-                if track_density:
-                    checked["log_density"] = log_q
-                self._raise_if_not_finite(step, **checked)
+            if check_finite:
+                checked = (grad, particles, log_q) if track_density else (grad, particles)
+                finite.append(torch.stack([torch.isfinite(value).all() for value in checked]))
             ratios.append(ratio.max() if ratio.numel() else ratio.new_zeros(()))
+        if finite:
+            self._raise_if_not_finite(checked_names, finite)
         step_ratio = torch.stack(ratios) if ratios else particles.new_zeros(0)
         capped_fraction = torch.stack(capped) if capped else particles.new_zeros(0)
         if self.warn_ratio is not None and step_ratio.numel() and step_ratio.max() > self.warn_ratio:

@@ -1,7 +1,16 @@
-"""TensorDict modules: the SVGD actor, the amortized sampler and the soft Q critic ensemble."""
+"""TensorDict modules: the SVGD actor, the amortized sampler, the critic ensembles and the temperature."""
 
-from torchrl_s2ac.modules.actor import ParticleSample, SVGDActor, SVGDPolicy
-from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.actor import ParticleSample, SVGDActor
+from torchrl_s2ac.modules.critic import CriticEnsemble, SoftQCritic
 from torchrl_s2ac.modules.sampler import AmortizedSample, AmortizedSampler
+from torchrl_s2ac.modules.temperature import Temperature
 
-__all__ = ["AmortizedSample", "AmortizedSampler", "ParticleSample", "SVGDActor", "SVGDPolicy", "SoftQCritic"]
+__all__ = [
+    "AmortizedSample",
+    "AmortizedSampler",
+    "CriticEnsemble",
+    "ParticleSample",
+    "SVGDActor",
+    "SoftQCritic",
+    "Temperature",
+]

@@ -2,6 +2,7 @@ r"""The S2AC policy: :math:`\pi(a|s) \propto \exp(Q(s, a)/\alpha)` sampled by SV
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple, Sequence
 
 import torch
@@ -15,11 +16,12 @@ from torchrl.modules import MLP
 
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
 from torchrl_s2ac.kernels import RBFKernel
-from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
+from torchrl_s2ac.modules.temperature import Temperature
 from torchrl_s2ac.stein import SteinEntropy
 
-__all__ = ["ParticleSample", "SVGDActor", "SVGDPolicy"]
+__all__ = ["ParticleSample", "SVGDActor"]
 
 SELECTIONS = ("random", "max", "softmax", "amortized")
 
@@ -56,22 +58,32 @@ class SVGDActor(TensorDictModuleBase):
     :math:`a_i = \mathrm{squash}(u_i^L)` and
     :math:`\log\pi(a_i|s) = \log q^L(u_i^L) - \log|\det \partial a / \partial u|`.
 
-    The critic is held by reference, not registered as a submodule: the actor's
-    parameters are those of :math:`q^0` only, and SVGD always uses whatever
-    parameters the critic module currently holds (a loss may swap in detached or
-    target parameters with :meth:`tensordict.TensorDictBase.to_module`).
+    The actor holds, as registered state, everything it acts with: :math:`q^0`'s network, the critic
+    ensemble (``critic``) and the temperature (``temperature``). A copy, a pickle, a ``state_dict``, a
+    :meth:`~tensordict.TensorDictBase.from_module` / :meth:`~tensordict.TensorDictBase.to_module` round trip,
+    ``.to(device)`` or a collector's weight sync all carry them. A loss that needs other critic parameters
+    (detached, target) or another temperature passes them explicitly to :meth:`sample_particles`, as
+    TorchRL's losses swap parameters into their networks.
 
     Args:
         action_spec (TensorSpec): a bounded action spec; the squash maps onto its box.
-        critic (SoftQCritic): the energy :math:`Q(s, a)`.
+        critic (TensorDictModuleBase): the energy :math:`Q(s, a)`: a :class:`~torchrl_s2ac.SoftQCritic`
+            (its closed-form action gradient is the fast path), a
+            :class:`~torchrl_s2ac.CriticEnsemble`, or any TensorDict module that reads
+            ``("observation", "action")`` and writes ``"state_action_value"`` shaped ``[*batch, 1]``, which
+            is ensembled ``num_qvalue_nets`` times (its action gradient is taken by autograd).
 
     Keyword Args:
+        num_qvalue_nets (int, optional): ensemble size for a generic critic (default ``2``); must match a
+            :class:`~torchrl_s2ac.SoftQCritic`'s own when given.
+        observation_dim (int, optional): size of the observation's last dim; required for a generic critic.
         num_particles (int): :math:`m \geq 2`. Defaults to ``10``.
         num_steps (int): :math:`L`. Defaults to ``3``.
         step_size (float): :math:`\epsilon`. Defaults to ``0.1``.
         kernel (RBFKernel): defaults to ``RBFKernel(rule="median")``.
-        alpha (float): temperature :math:`\alpha > 0` of the energy. Defaults to ``0.2``.
-            :class:`~torchrl_s2ac.S2ACLoss` keeps it equal to the loss's alpha.
+        alpha (float): temperature :math:`\alpha > 0` of the energy, held in a
+            :class:`~torchrl_s2ac.Temperature` (``actor.temperature``). Defaults to ``0.2``.
+            :class:`~torchrl_s2ac.S2ACLoss` installs the temperature it trains there.
         init_network (nn.Module, optional): maps observations ``[*batch, obs]`` to
             ``[*batch, 2 d]`` (mean and log-std of :math:`q^0`). Defaults to an
             MLP with ``num_cells`` and ``activation_class``.
@@ -84,6 +96,7 @@ class SVGDActor(TensorDictModuleBase):
         std_bounds (tuple): clamp on :math:`\sigma`. Defaults to ``(0.1, 1.0)``.
         max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
         warn_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``1.0``.
+        check_finite (bool): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``True``.
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
             ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q),
             ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`) or
@@ -99,7 +112,7 @@ class SVGDActor(TensorDictModuleBase):
             :math:`\log\pi(a|s)` under ``log_prob_key``. Acting without it skips the
             Stein trace (cheaper). Defaults to ``False``, like TorchRL's ``ProbabilisticActor``.
         log_prob_key: defaults to ``"action_log_prob"``.
-        compile (bool): run the acting path (calls made with gradients off: collectors,
+        compile_acting (bool): run the acting path (calls made with gradients off: collectors,
             evaluation) through :func:`torch.compile`. Possible because the closed-form
             critic gradient needs no double backward; the loss path stays eager. The first
             call compiles (seconds). Defaults to ``False``.
@@ -109,13 +122,27 @@ class SVGDActor(TensorDictModuleBase):
             :math:`f_\psi(s, \xi)`; :class:`~torchrl_s2ac.S2ACLoss` trains it to map each particle's
             standardized initial draw :math:`\xi_i` to its SVGD endpoint :math:`a_i`. A submodule:
             its parameters are part of the actor's.
+
+    Examples:
+        >>> from torchrl.data import Bounded
+        >>> from tensordict import TensorDict
+        >>> from torchrl_s2ac import SoftQCritic
+        >>> spec = Bounded(-torch.ones(2), torch.ones(2), (2,))
+        >>> actor = SVGDActor(spec, SoftQCritic(3, 2, num_cells=[32]), num_particles=4, num_cells=[32])
+        >>> actor(TensorDict({"observation": torch.randn(5, 3)}, [5]))["action"].shape
+        torch.Size([5, 2])
+        >>> sample = actor.sample_particles(torch.randn(5, 3))  # all m particles and their log pi(a_i|s)
+        >>> sample.action.shape, sample.log_prob.shape
+        (torch.Size([5, 4, 2]), torch.Size([5, 4]))
     """
 
     def __init__(
         self,
         action_spec: TensorSpec,
-        critic: SoftQCritic,
+        critic: TensorDictModuleBase,
         *,
+        num_qvalue_nets: int | None = None,
+        observation_dim: int | None = None,
         num_particles: int = 10,
         num_steps: int = 3,
         step_size: float = 0.1,
@@ -129,6 +156,7 @@ class SVGDActor(TensorDictModuleBase):
         std_bounds: tuple[float, float] = (0.1, 1.0),
         max_step_ratio: float | None = None,
         warn_ratio: float | None = 1.0,
+        check_finite: bool = True,
         train_selection: str = "random",
         eval_selection: str = "max",
         default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
@@ -137,12 +165,10 @@ class SVGDActor(TensorDictModuleBase):
         return_log_prob: bool = False,
         log_prob_key: NestedKey = "action_log_prob",
         particle_keys: Sequence[NestedKey] | None = None,
-        compile: bool = False,
+        compile_acting: bool = False,
         amortized_sampler: AmortizedSampler | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(critic, SoftQCritic):
-            raise TypeError(f"SVGDActor: critic must be a SoftQCritic, got {type(critic).__name__}.")
         if not (isinstance(num_particles, int) and num_particles >= 2):
             raise ValueError(f"SVGDActor: num_particles must be an int >= 2, got {num_particles!r}.")
         if not alpha > 0:
@@ -163,11 +189,7 @@ class SVGDActor(TensorDictModuleBase):
                 f"SVGDActor: amortized_sampler must be an AmortizedSampler, got {type(amortized_sampler).__name__}."
             )
         squash = TanhSquash.from_action_spec(action_spec, "SVGDActor")
-        if critic.action_dim != action_spec.shape[-1]:
-            raise ValueError(
-                f"SVGDActor: critic.action_dim={critic.action_dim} does not match the action spec's "
-                f"last dim {action_spec.shape[-1]}."
-            )
+        critic = as_critic_ensemble(critic, num_qvalue_nets, observation_dim, action_spec.shape[-1], "SVGDActor")
         if len(in_keys) != 1 or len(out_keys) != 1:
             raise ValueError(f"SVGDActor: expects 1 in_key and 1 out_key, got {in_keys} and {out_keys}.")
         if particle_keys is not None and len(particle_keys) != 2:
@@ -191,8 +213,10 @@ class SVGDActor(TensorDictModuleBase):
             num_steps,
             max_step_ratio=max_step_ratio,
             warn_ratio=warn_ratio,
+            check_finite=check_finite,
         )
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.critic = critic
+        self.temperature = Temperature(alpha)
         self.fixed_init_std = fixed_init_std
         if fixed_init_std is not None:
             if not fixed_init_std > 0:
@@ -218,9 +242,7 @@ class SVGDActor(TensorDictModuleBase):
                 f"{self.observation_dim} -> {self.action_dim}."
             )
         self.amortized_sampler = amortized_sampler
-        # Held by reference, outside the module tree: see the class docstring.
-        self.__dict__["critic"] = critic
-        self.compile = compile
+        self.compile_acting = compile_acting
         self._compiled_sample = None  # built lazily, per process (not pickled)
 
     def __getstate__(self):
@@ -228,8 +250,13 @@ class SVGDActor(TensorDictModuleBase):
         state["_compiled_sample"] = None
         return state
 
+    @property
+    def alpha(self) -> torch.Tensor:
+        r"""The temperature :math:`\alpha` the actor acts with (detached)."""
+        return self.temperature().detach()
+
     def _acting_sample(self, observation: torch.Tensor) -> ParticleSample:
-        if not self.compile or torch.is_grad_enabled():
+        if not self.compile_acting or torch.is_grad_enabled():
             return self.sample_particles(observation, with_log_prob=self.return_log_prob)
         if self._compiled_sample is None:
             self._compiled_sample = torch.compile(self.sample_particles, dynamic=False)
@@ -249,21 +276,31 @@ class SVGDActor(TensorDictModuleBase):
         scale = log_std.clamp(*self.log_std_bounds).exp().clamp(*self.std_bounds)
         return loc, scale
 
-    def sample_particles(self, observation: torch.Tensor, with_log_prob: bool = True) -> ParticleSample:
+    def sample_particles(
+        self,
+        observation: torch.Tensor,
+        with_log_prob: bool = True,
+        *,
+        critic_params: TensorDictBase | None = None,
+        alpha: torch.Tensor | float | None = None,
+    ) -> ParticleSample:
         """Run the sampler for observations ``[*batch, obs]``; differentiable when grad is enabled.
 
         ``with_log_prob=False`` skips the density bookkeeping (``log_prob`` is then ``None``).
+        ``critic_params`` (the critic's parameters, e.g. a loss's detached ones) and ``alpha`` replace the
+        actor's own for this call; the actor's state is left as it is.
         """
         if observation.shape[-1] != self.observation_dim:
             raise ValueError(
                 f"SVGDActor expects observations shaped [..., {self.observation_dim}], got {tuple(observation.shape)}."
             )
+        alpha = self.alpha if alpha is None else alpha
+        critic, squash = self.critic, self.squash
         loc, scale = self.init_distribution(observation)
         particles, log_q0 = sample_truncated_normal(loc, scale, self.num_particles)
         noise = ((particles - loc.unsqueeze(-2)) / scale.unsqueeze(-2)).detach()
         log_q0 = log_q0 if with_log_prob else None
         per_particle_obs = observation.unsqueeze(-2)  # the critic broadcasts it over the m particles
-        critic, squash, alpha = self.critic, self.squash, self.alpha
 
         def log_density(u: torch.Tensor) -> torch.Tensor:
             return critic.min_values(per_particle_obs, squash(u)) / alpha
@@ -276,10 +313,11 @@ class SVGDActor(TensorDictModuleBase):
             dq_da = dq_da.gather(0, member).squeeze(0)
             return dq_da * squash.scale * (1 - tanh_u.square()) / alpha
 
-        if critic.has_explicit_action_grad:
-            out = self.stein.sample(None, particles, log_q0, score_fn=score_fn)
-        else:
-            out = self.stein.sample(log_density, particles, log_q0)
+        with critic_params.to_module(critic) if critic_params is not None else nullcontext():
+            if critic.has_explicit_action_grad:
+                out = self.stein.sample(None, particles, log_q0, score_fn=score_fn)
+            else:
+                out = self.stein.sample(log_density, particles, log_q0)
         log_prob = out.log_prob - squash.log_abs_det_jacobian(out.particles) if with_log_prob else None
         return ParticleSample(squash(out.particles), log_prob, out.step_ratio, scale, noise, out.capped_fraction)
 
@@ -318,24 +356,3 @@ class SVGDActor(TensorDictModuleBase):
             if self.return_log_prob:
                 tensordict.set(self.particle_keys[1], sample.log_prob)
         return tensordict
-
-
-class SVGDPolicy(TensorDictModuleBase):
-    """An :class:`SVGDActor` packaged with its critic as submodules, for acting.
-
-    The actor keeps its critic outside its own module tree (so a loss trains
-    only :math:`q^0` through it). A collector that copies the policy into other
-    processes and syncs weights from its ``state_dict`` (``backend="process"``
-    or ``"ray"``) must see the critic's weights too: give it this wrapper. The
-    wrapped actor and critic are the same objects, not copies.
-    """
-
-    def __init__(self, actor: SVGDActor) -> None:
-        super().__init__()
-        self.actor = actor
-        self.critic = actor.critic
-        self.in_keys = actor.in_keys
-        self.out_keys = actor.out_keys
-
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        return self.actor(tensordict)

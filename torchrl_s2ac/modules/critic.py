@@ -2,16 +2,17 @@ r"""Ensemble of soft Q-networks :math:`Q_k(s, a)`, evaluated in one batched call
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torch import nn
 
-__all__ = ["SoftQCritic"]
+__all__ = ["CriticEnsemble", "SoftQCritic", "as_critic_ensemble"]
 
 # act'(z) from the pre-activation z and the activation's output y.
 _ACTIVATION_DERIVATIVES = {
@@ -45,6 +46,17 @@ class SoftQCritic(TensorDictModuleBase):
             shaped ``[*batch, 1]``.
         in_keys: observation and action keys. Defaults to ``["observation", "action"]``.
         out_keys: value key. Defaults to ``["state_action_value"]``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> critic = SoftQCritic(3, 2, num_cells=[32], num_qvalue_nets=2)
+        >>> critic(TensorDict({"observation": torch.randn(4, 3), "action": torch.randn(4, 2)}, [4]))[
+        ...     "state_action_value"
+        ... ].shape
+        torch.Size([4, 2])
+        >>> q, dq_da = critic.values_and_action_grad(torch.randn(4, 3), torch.randn(4, 2))  # closed-form grad_a Q_k
+        >>> q.shape, dq_da.shape
+        (torch.Size([2, 4]), torch.Size([2, 4, 2]))
     """
 
     def __init__(
@@ -141,14 +153,15 @@ class SoftQCritic(TensorDictModuleBase):
             )
         values, slopes, batch_shape = self._forward(observation, action, keep_slopes=True)
         last = len(self.weights) - 1
-        # Backward pass by hand: g <- (g @ W^T) * act'(z), from the output down to the input.
-        grad = self.weights[last].transpose(-1, -2).expand(-1, values.shape[1], -1)  # [num_q, N, width]
-        for index in range(last - 1, -1, -1):
-            grad = grad * slopes[index]
+        # Backward pass by hand: g <- (g @ W^T) * act'(z), from the unit output down to the input.
+        grad = values.new_ones(values.shape)  # [num_q, N, 1]
+        for index in range(last, -1, -1):
             weight = self.weights[index]
             if index == 0:
                 weight = weight[:, self.observation_dim :]  # only the action rows are needed
             grad = grad @ weight.transpose(-1, -2)
+            if index > 0:
+                grad = grad * slopes[index - 1]
         values = values.reshape(self.num_qvalue_nets, *batch_shape)
         return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
 
@@ -162,3 +175,153 @@ class SoftQCritic(TensorDictModuleBase):
         values = values.amin(0).unsqueeze(-1) if self.reduce == "min" else values.movedim(0, -1)
         tensordict.set(self.out_keys[0], values)
         return tensordict
+
+
+class CriticEnsemble(TensorDictModuleBase):
+    r"""``num_qvalue_nets`` independent copies :math:`Q_k(s, a)` of any critic module, evaluated member by member.
+
+    The general counterpart of :class:`SoftQCritic`: ``critic`` is any TensorDict module that reads the
+    observation and the action and writes one value per state-action pair (``[*batch, 1]``), such as
+    ``ValueOperator(MLP(...), in_keys=["observation", "action"])``. Member 0 is ``critic`` itself (its
+    parameters are trained in place); the others are copies with freshly reset parameters, as
+    :class:`~torchrl.objectives.SACLoss` ensembles its critic with ``num_qvalue_nets``. Every member is a
+    registered submodule, so the ensemble's state travels with ``state_dict``, ``deepcopy`` and ``.to()``.
+    The action gradient :math:`\nabla_a Q_k` is taken by autograd (:attr:`has_explicit_action_grad` is
+    ``False``).
+
+    Args:
+        critic (TensorDictModuleBase): the critic :math:`Q(s, a)`.
+        num_qvalue_nets (int): ensemble size.
+        observation_dim (int): size of the observation's last dim.
+        action_dim (int): size of the action's last dim.
+
+    Keyword Args:
+        observation_key, action_key: what ``critic`` reads. Default to ``"observation"`` and ``"action"``.
+        value_key: what ``critic`` writes. Defaults to ``"state_action_value"``.
+
+    Examples:
+        >>> from torchrl.modules import MLP, ValueOperator
+        >>> mlp = MLP(in_features=5, out_features=1, num_cells=[32])
+        >>> critic = ValueOperator(mlp, in_keys=["observation", "action"])
+        >>> ensemble = CriticEnsemble(critic, 2, observation_dim=3, action_dim=2)
+        >>> ensemble.ensemble_values(torch.randn(4, 3), torch.randn(4, 2)).shape
+        torch.Size([2, 4])
+    """
+
+    has_explicit_action_grad = False
+
+    def __init__(
+        self,
+        critic: TensorDictModuleBase,
+        num_qvalue_nets: int,
+        observation_dim: int,
+        action_dim: int,
+        *,
+        observation_key: NestedKey = "observation",
+        action_key: NestedKey = "action",
+        value_key: NestedKey = "state_action_value",
+    ) -> None:
+        super().__init__()
+        if not isinstance(critic, TensorDictModuleBase):
+            raise TypeError(
+                f"CriticEnsemble: critic must be a TensorDict module reading ({observation_key!r}, {action_key!r}) "
+                f"and writing {value_key!r}, got {type(critic).__name__}."
+            )
+        if not (isinstance(num_qvalue_nets, int) and num_qvalue_nets >= 1):
+            raise ValueError(f"CriticEnsemble: num_qvalue_nets must be an int >= 1, got {num_qvalue_nets!r}.")
+        in_keys = list(critic.in_keys)
+        for key in (observation_key, action_key):
+            if key not in in_keys:
+                raise ValueError(f"CriticEnsemble: the critic must read {key!r}; its in_keys are {in_keys}.")
+        extra = [key for key in in_keys if key not in (observation_key, action_key)]
+        if extra:
+            raise ValueError(f"CriticEnsemble: the critic may read only the observation and the action, not {extra}.")
+        if value_key not in critic.out_keys:
+            raise ValueError(
+                f"CriticEnsemble: the critic must write {value_key!r}; its out_keys are {critic.out_keys}."
+            )
+        self.in_keys = [observation_key, action_key]
+        self.out_keys = [value_key]
+        self.observation_dim, self.action_dim = int(observation_dim), int(action_dim)
+        self.num_qvalue_nets = num_qvalue_nets
+        members = [critic]
+        for _ in range(num_qvalue_nets - 1):
+            member = copy.deepcopy(critic)
+            for module in member.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            members.append(member)
+        self.members = nn.ModuleList(members)
+        parameter = next(critic.parameters(), None)
+        factory = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
+        # One probe call, so that a critic with the wrong output is refused here with its shape named.
+        with torch.no_grad():
+            self.ensemble_values(
+                torch.zeros(1, self.observation_dim, **factory), torch.zeros(1, self.action_dim, **factory)
+            )
+
+    def ensemble_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        r""":math:`Q_k(s, a)` for every member: ``[*batch, obs], [*batch, act] -> [num_qvalue_nets, *batch]``.
+
+        The observation is broadcast against the action's leading dims (one state, many particles).
+        """
+        leading = torch.broadcast_shapes(observation.shape[:-1], action.shape[:-1])
+        inputs = TensorDict(
+            {self.in_keys[0]: observation.expand(*leading, -1), self.in_keys[1]: action.expand(*leading, -1)},
+            batch_size=leading,
+        )
+        values = []
+        for member in self.members:
+            value = member(inputs.copy()).get(self.out_keys[0])
+            if value.shape != (*leading, 1):
+                raise ValueError(
+                    f"CriticEnsemble: the critic's {self.out_keys[0]!r} has shape {tuple(value.shape)}; "
+                    f"expected {(*leading, 1)} (one value per state-action pair)."
+                )
+            values.append(value.squeeze(-1))
+        return torch.stack(values)
+
+    def min_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        r""":math:`\min_k Q_k(s, a)`, ``[*batch]``."""
+        return self.ensemble_values(observation, action).amin(0)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Writes every member's value, ``[*batch, num_qvalue_nets]``, like ``SoftQCritic(reduce=None)``."""
+        observation, action = (tensordict.get(key) for key in self.in_keys)
+        tensordict.set(self.out_keys[0], self.ensemble_values(observation, action).movedim(0, -1))
+        return tensordict
+
+
+def as_critic_ensemble(
+    critic: TensorDictModuleBase,
+    num_qvalue_nets: int | None,
+    observation_dim: int | None,
+    action_dim: int,
+    owner: str,
+) -> SoftQCritic | CriticEnsemble:
+    """``critic`` itself when it is already an ensemble (:class:`SoftQCritic` or :class:`CriticEnsemble`),
+    else ``num_qvalue_nets`` (default 2) copies of it in a :class:`CriticEnsemble`; ``owner`` names the caller
+    in errors."""
+    if isinstance(critic, (SoftQCritic, CriticEnsemble)):
+        if num_qvalue_nets is not None and num_qvalue_nets != critic.num_qvalue_nets:
+            raise ValueError(
+                f"{owner}: num_qvalue_nets={num_qvalue_nets} but the {type(critic).__name__} holds "
+                f"{critic.num_qvalue_nets} members."
+            )
+        if critic.action_dim != action_dim:
+            raise ValueError(
+                f"{owner}: critic.action_dim={critic.action_dim} does not match the action's last dim {action_dim}."
+            )
+        if observation_dim is not None and critic.observation_dim != observation_dim:
+            raise ValueError(
+                f"{owner}: critic.observation_dim={critic.observation_dim} but observation_dim={observation_dim}."
+            )
+        return critic
+    if not isinstance(critic, TensorDictModuleBase):
+        raise TypeError(
+            f"{owner}: the critic must be a TensorDict module reading (observation, action) and writing "
+            f"state_action_value, got {type(critic).__name__}."
+        )
+    if observation_dim is None:
+        raise ValueError(f"{owner}: observation_dim is required with a {type(critic).__name__} critic.")
+    return CriticEnsemble(critic, 2 if num_qvalue_nets is None else num_qvalue_nets, observation_dim, action_dim)

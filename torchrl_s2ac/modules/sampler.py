@@ -57,6 +57,15 @@ class AmortizedSampler(TensorDictModuleBase):
         noise_bound (float): truncation of :math:`\xi`. Defaults to ``3``.
         in_keys: defaults to ``["observation"]``.
         out_keys: defaults to ``["action"]``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import Bounded
+        >>> sampler = AmortizedSampler(Bounded(-torch.ones(2), torch.ones(2), (2,)), 3, num_cells=[32])
+        >>> sampler(TensorDict({"observation": torch.randn(4, 3)}, [4]))["action"].shape
+        torch.Size([4, 2])
+        >>> sampler.sample(torch.randn(4, 3), 8).action.shape  # reparameterised draws
+        torch.Size([4, 8, 2])
     """
 
     def __init__(

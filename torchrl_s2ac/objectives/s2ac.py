@@ -2,20 +2,19 @@ r"""The S2AC objective (Messaoud et al., ICLR 2024) as a TorchRL :class:`~torchr
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import dispatch
+from tensordict.nn import TensorDictModuleBase, dispatch
 
 from torchrl_s2ac.modules.actor import ParticleSample, SVGDActor
-from torchrl_s2ac.modules.critic import SoftQCritic
-from torchrl_s2ac.objectives.soft_q import SoftQLoss
+from torchrl_s2ac.modules.critic import CriticEnsemble
+from torchrl_s2ac.modules.temperature import Temperature
+from torchrl_s2ac.objectives.critic_loss import SoftQCriticLoss
 
 __all__ = ["S2ACLoss"]
 
 
-class S2ACLoss(SoftQLoss):
+class S2ACLoss(SoftQCriticLoss):
     r"""Stein Soft Actor-Critic loss.
 
     With :math:`m` SVGD particles :math:`a'_i \sim \pi(\cdot|s')` (score from the
@@ -45,10 +44,17 @@ class S2ACLoss(SoftQLoss):
     with :math:`r` the action box's half-width (so the loss is in tanh units); no
     gradient reaches :math:`q^0` or the critic.
 
+    Parameters. The actor holds the critic and the temperature it acts with; the loss trains them
+    in place as ``qvalue_network_params`` (the critic's own parameters) and ``log_alpha`` (the actor's
+    :class:`~torchrl_s2ac.Temperature`), and ``actor_network_params`` holds the rest of the actor
+    (:math:`q^0`, the amortized sampler). The three sets are disjoint. Every call goes through these
+    parameters, with the critic's passed explicitly to the sampler (detached for the actor loss) and
+    :math:`\alpha` passed explicitly: the forward pass writes nothing into the actor.
+
     Args:
         actor_network (SVGDActor): the policy; its critic is the one trained here.
-        qvalue_network (SoftQCritic, optional): must be ``actor_network.critic``
-            (the default).
+        qvalue_network (TensorDictModuleBase, optional): ``actor_network.critic`` (the default) or the
+            critic module the actor was built from.
 
     Keyword Args:
         alpha_init (float, optional): initial temperature. Defaults to the actor's alpha.
@@ -57,7 +63,10 @@ class S2ACLoss(SoftQLoss):
             :math:`-\dim(\mathcal A)`.
         min_alpha, max_alpha (float, optional): clamp on the learned alpha.
         loss_function, delay_qvalue, reduction, use_prioritized_weights: see
-            :class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss` (its keys too).
+            :class:`~torchrl_s2ac.objectives.critic_loss.SoftQCriticLoss` (its keys too).
+
+    The constructor installs a :class:`~torchrl_s2ac.Temperature` with these settings in the actor
+    (``actor_network.temperature``), so that the actor acts with the temperature being learned.
 
     The output TensorDict holds ``loss_actor``, ``loss_qvalue``, ``loss_alpha``,
     ``loss_amortized`` (zero without an amortized sampler), ``alpha``, ``entropy`` (mean closed-form
@@ -67,14 +76,29 @@ class S2ACLoss(SoftQLoss):
     :math:`\sigma_\theta(s)` over the batch and action dims), ``q_mean`` (mean of
     :math:`\min_k Q_k(s, a_i)`) and ``q_spread`` (mean over states of its standard deviation over the
     :math:`m` particles: the scale of the energy differences SVGD sees, to compare with :math:`\alpha`).
+
+    Examples:
+        >>> from torchrl_s2ac import SoftQCritic, SVGDActor
+        >>> from torchrl_s2ac.envs import MultiGoalEnv
+        >>> env = MultiGoalEnv()  # 2-d observations and actions
+        >>> actor = SVGDActor(env.action_spec, SoftQCritic(2, 2, num_cells=[32]), num_particles=4, num_cells=[32])
+        >>> loss = S2ACLoss(actor)
+        >>> loss.make_value_estimator(gamma=0.99)  # doctest: +ELLIPSIS
+        S2ACLoss(...)
+        >>> data = env.rollout(8)  # transitions with random actions
+        >>> losses = loss(data)
+        >>> (losses["loss_actor"] + losses["loss_qvalue"]).backward()
+        >>> sorted(key for key in losses.keys() if key.startswith("loss_"))
+        ['loss_actor', 'loss_alpha', 'loss_amortized', 'loss_qvalue']
     """
 
     actor_network: SVGDActor
+    temperature: Temperature
 
     def __init__(
         self,
         actor_network: SVGDActor,
-        qvalue_network: SoftQCritic | None = None,
+        qvalue_network: TensorDictModuleBase | None = None,
         *,
         alpha_init: float | None = None,
         fixed_alpha: bool = True,
@@ -88,46 +112,44 @@ class S2ACLoss(SoftQLoss):
     ) -> None:
         if not isinstance(actor_network, SVGDActor):
             raise TypeError(f"S2ACLoss: actor_network must be an SVGDActor, got {type(actor_network).__name__}.")
-        if qvalue_network is None:
-            qvalue_network = actor_network.critic
-        if qvalue_network is not actor_network.critic:
+        critic = actor_network.critic
+        given = qvalue_network
+        if (
+            given is not None
+            and given is not critic
+            and not (isinstance(critic, CriticEnsemble) and given is critic.members[0])
+        ):
             raise ValueError(
                 "S2ACLoss: qvalue_network must be the critic the actor samples from (actor_network.critic)."
             )
         alpha_init = float(actor_network.alpha) if alpha_init is None else float(alpha_init)
         if not alpha_init > 0:
             raise ValueError(f"S2ACLoss: alpha_init must be > 0, got {alpha_init!r}.")
+        own = actor_network.temperature.log_alpha
+        temperature = Temperature(alpha_init, learnable=not fixed_alpha, min_alpha=min_alpha, max_alpha=max_alpha)
+        actor_network.temperature = temperature.to(device=own.device, dtype=own.dtype)
         super().__init__(
             actor_network,
-            qvalue_network,
+            critic,
             loss_function=loss_function,
             delay_qvalue=delay_qvalue,
             reduction=reduction,
             use_prioritized_weights=use_prioritized_weights,
         )
-
-        device = next(qvalue_network.parameters()).device
-        log_alpha = torch.tensor(math.log(alpha_init), device=device)
+        self.temperature = actor_network.temperature  # the same module: the actor acts with what is trained
         self.fixed_alpha = fixed_alpha
-        if fixed_alpha:
-            self.register_buffer("log_alpha", log_alpha)
-        else:
-            self.register_parameter("log_alpha", torch.nn.Parameter(log_alpha))
-        self.register_buffer("min_log_alpha", torch.tensor(-math.inf if min_alpha is None else math.log(min_alpha)))
-        self.register_buffer("max_log_alpha", torch.tensor(math.inf if max_alpha is None else math.log(max_alpha)))
         if target_entropy == "auto":
             target_entropy = -float(actor_network.action_dim)
-        self.register_buffer("target_entropy", torch.tensor(float(target_entropy), device=device))
-        self._sync_actor_alpha()
+        self.register_buffer("target_entropy", torch.tensor(float(target_entropy), device=own.device))
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        r"""The temperature's :math:`\log\alpha` (a parameter when learned)."""
+        return self.temperature.log_alpha
 
     @property
     def _alpha(self) -> torch.Tensor:
-        return self.log_alpha.detach().clamp(self.min_log_alpha, self.max_log_alpha).exp()
-
-    def _sync_actor_alpha(self) -> None:
-        # The actor's energy Q/alpha uses the loss's current temperature.
-        with torch.no_grad():
-            self.actor_network.alpha.copy_(self._alpha)
+        return self.temperature().detach()
 
     @property
     def out_keys(self):
@@ -148,7 +170,6 @@ class S2ACLoss(SoftQLoss):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        self._sync_actor_alpha()
         loss_qvalue, metadata = self.qvalue_loss(tensordict)
         loss_actor, actor_metadata = self.actor_loss(tensordict)
         loss_alpha = self.alpha_loss(actor_metadata["log_prob"], tensordict)
@@ -172,12 +193,17 @@ class S2ACLoss(SoftQLoss):
             batch_size=[],
         )
 
+    def _sample(self, observation: torch.Tensor, critic_params: TensorDictBase) -> ParticleSample:
+        r"""The actor's particles with the loss's actor parameters, ``critic_params`` and :math:`\alpha`."""
+        with self.actor_network_params.to_module(self.actor_network):
+            return self.actor_network.sample_particles(observation, critic_params=critic_params, alpha=self._alpha)
+
     def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
         r""":math:`\frac1m\sum_i [\min_k \bar Q_k(s', a'_i) - \alpha \log\pi(a'_i|s')]`, ``[*batch]``.
 
         The particles follow the online critic's score; their values come from the target critic.
         """
-        sample = self.actor_network.sample_particles(next_observation)
+        sample = self._sample(next_observation, self.qvalue_network_params.detach())
         with self.target_qvalue_network_params.to_module(self.qvalue_network):
             next_q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), sample.action)
         return (next_q - self._alpha * sample.log_prob).mean(-1)
@@ -185,8 +211,9 @@ class S2ACLoss(SoftQLoss):
     def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         """Actor loss through the SVGD sampler; the critic's parameters are detached."""
         observation = self._get(tensordict, self.tensor_keys.observation)
-        with self.qvalue_network_params.detach().to_module(self.qvalue_network):
-            sample = self.actor_network.sample_particles(observation)
+        critic_params = self.qvalue_network_params.detach()
+        sample = self._sample(observation, critic_params)
+        with critic_params.to_module(self.qvalue_network):
             q = self.qvalue_network.min_values(observation.unsqueeze(-2), sample.action)
         loss = (self._alpha * sample.log_prob - q).mean(-1)
         weights = self._maybe_get_priority_weight(tensordict)
@@ -196,11 +223,12 @@ class S2ACLoss(SoftQLoss):
 
     def amortized_loss(self, sample: ParticleSample, tensordict: TensorDictBase) -> torch.Tensor:
         """Regression of the amortized sampler onto the particles of ``sample`` (zero without a sampler)."""
-        sampler = self.actor_network.amortized_sampler
-        if sampler is None:
+        if self.actor_network.amortized_sampler is None:
             return torch.zeros((), device=sample.action.device)
         observation = self._get(tensordict, self.tensor_keys.observation)
-        prediction = sampler.squash(sampler.transport(observation, sample.noise))
+        with self.actor_network_params.to_module(self.actor_network):
+            sampler = self.actor_network.amortized_sampler
+            prediction = sampler.squash(sampler.transport(observation, sample.noise))
         error = ((prediction - sample.action.detach()) / sampler.squash.scale).square().sum(-1).mean(-1)
         return self._reduce_loss(error, tensordict=tensordict)
 

@@ -10,18 +10,19 @@ import math
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import dispatch
+from tensordict.nn import TensorDictModuleBase, dispatch
 
 from torchrl_s2ac.kernels import RBFKernel
-from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
-from torchrl_s2ac.objectives.soft_q import SoftQLoss
+from torchrl_s2ac.modules.temperature import Temperature
+from torchrl_s2ac.objectives.critic_loss import SoftQCriticLoss
 from torchrl_s2ac.stein import SVGDNumericalError, score, svgd_direction
 
 __all__ = ["SQLLoss"]
 
 
-class SQLLoss(SoftQLoss):
+class SQLLoss(SoftQCriticLoss):
     r"""Soft Q-learning loss with an amortized SVGD sampler.
 
     **Soft value.** With :math:`M` actions :math:`a'_j` drawn uniformly on the action box
@@ -32,7 +33,7 @@ class SQLLoss(SoftQLoss):
         \approx \alpha \log\int_{\mathcal A} \exp(\bar Q(s', a)/\alpha)\,da,
 
     and the critic is trained toward :math:`y = r + \gamma(1 - \text{terminated}) V(s')`
-    (:class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss`).
+    (:class:`~torchrl_s2ac.objectives.critic_loss.SoftQCriticLoss`).
 
     **Sampler.** :math:`K` draws :math:`u_i = f_\psi(s, \xi_i)`, :math:`a_i = \mathrm{squash}(u_i)`. The
     target :math:`\pi(a|s) \propto \exp(Q(s, a)/\alpha)`, pulled back to :math:`u`, has the score
@@ -52,29 +53,49 @@ class SQLLoss(SoftQLoss):
 
     Args:
         actor_network (AmortizedSampler): :math:`f_\psi`.
-        qvalue_network (SoftQCritic): the soft Q ensemble (Haarnoja et al. use one network).
+        qvalue_network (TensorDictModuleBase): the soft Q ensemble (Haarnoja et al. use one network): a
+            :class:`~torchrl_s2ac.SoftQCritic`, a :class:`~torchrl_s2ac.CriticEnsemble`, or any TensorDict
+            module reading ``("observation", "action")`` and writing ``"state_action_value"``, ensembled
+            ``num_qvalue_nets`` times.
 
     Keyword Args:
-        alpha (float): temperature :math:`\alpha > 0` (the inverse of SQL's reward scale). Defaults to ``0.2``.
+        num_qvalue_nets (int, optional): ensemble size for a generic critic. Defaults to ``2``.
+        alpha_init (float): the fixed temperature :math:`\alpha > 0` (the inverse of SQL's reward scale), held
+            in a :class:`~torchrl_s2ac.Temperature` like S2AC's. Defaults to ``0.2``.
         num_value_samples (int): :math:`M`. Defaults to ``16``.
         num_particles (int): :math:`K \geq 2`. Defaults to ``16``.
         kernel (RBFKernel): defaults to ``RBFKernel(rule="median")``.
         loss_function, delay_qvalue, reduction, use_prioritized_weights: see
-            :class:`~torchrl_s2ac.objectives.soft_q.SoftQLoss` (its keys too).
+            :class:`~torchrl_s2ac.objectives.critic_loss.SoftQCriticLoss` (its keys too).
 
     The output TensorDict holds ``loss_actor`` (the surrogate :math:`\mathcal L_\psi`, whose value is
     not meaningful; its gradient is), ``loss_qvalue``, ``alpha`` and ``svgd_norm`` (mean
     :math:`\|\phi(u_i)\|`: how far the sampler is from a fixed point).
+
+    Examples:
+        >>> from torchrl_s2ac import AmortizedSampler, SoftQCritic
+        >>> from torchrl_s2ac.envs import MultiGoalEnv
+        >>> env = MultiGoalEnv()  # 2-d observations and actions
+        >>> loss = SQLLoss(AmortizedSampler(env.action_spec, 2, num_cells=[32]), SoftQCritic(2, 2, num_cells=[32]))
+        >>> loss.make_value_estimator(gamma=0.99)  # doctest: +ELLIPSIS
+        SQLLoss(...)
+        >>> data = env.rollout(8)  # transitions with random actions
+        >>> losses = loss(data)
+        >>> (losses["loss_actor"] + losses["loss_qvalue"]).backward()
+        >>> sorted(losses.keys())
+        ['alpha', 'loss_actor', 'loss_qvalue', 'svgd_norm']
     """
 
     actor_network: AmortizedSampler
+    temperature: Temperature
 
     def __init__(
         self,
         actor_network: AmortizedSampler,
-        qvalue_network: SoftQCritic,
+        qvalue_network: TensorDictModuleBase,
         *,
-        alpha: float = 0.2,
+        num_qvalue_nets: int | None = None,
+        alpha_init: float = 0.2,
         num_value_samples: int = 16,
         num_particles: int = 16,
         kernel: RBFKernel | None = None,
@@ -85,21 +106,15 @@ class SQLLoss(SoftQLoss):
     ) -> None:
         if not isinstance(actor_network, AmortizedSampler):
             raise TypeError(f"SQLLoss: actor_network must be an AmortizedSampler, got {type(actor_network).__name__}.")
-        if not alpha > 0:
-            raise ValueError(f"SQLLoss: alpha must be > 0, got {alpha!r}.")
+        if not alpha_init > 0:
+            raise ValueError(f"SQLLoss: alpha_init must be > 0, got {alpha_init!r}.")
         if not (isinstance(num_value_samples, int) and num_value_samples >= 1):
             raise ValueError(f"SQLLoss: num_value_samples must be an int >= 1, got {num_value_samples!r}.")
         if not (isinstance(num_particles, int) and num_particles >= 2):
             raise ValueError(f"SQLLoss: num_particles must be an int >= 2, got {num_particles!r}.")
-        if (qvalue_network.observation_dim, qvalue_network.action_dim) != (
-            actor_network.observation_dim,
-            actor_network.action_dim,
-        ):
-            raise ValueError(
-                f"SQLLoss: the critic takes ({qvalue_network.observation_dim}, {qvalue_network.action_dim})-d "
-                f"(observation, action) but the sampler maps {actor_network.observation_dim} -> "
-                f"{actor_network.action_dim}."
-            )
+        qvalue_network = as_critic_ensemble(
+            qvalue_network, num_qvalue_nets, actor_network.observation_dim, actor_network.action_dim, "SQLLoss"
+        )
         super().__init__(
             actor_network,
             qvalue_network,
@@ -108,10 +123,15 @@ class SQLLoss(SoftQLoss):
             reduction=reduction,
             use_prioritized_weights=use_prioritized_weights,
         )
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.temperature = Temperature(alpha_init).to(next(qvalue_network.parameters()).device)
         self.num_value_samples = num_value_samples
         self.num_particles = num_particles
         self.kernel = kernel if kernel is not None else RBFKernel()
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        r"""The fixed temperature :math:`\alpha`."""
+        return self.temperature().detach()
 
     @property
     def out_keys(self):
@@ -126,7 +146,7 @@ class SQLLoss(SoftQLoss):
             {
                 "loss_actor": loss_actor,
                 "loss_qvalue": loss_qvalue,
-                "alpha": self.alpha.clone(),
+                "alpha": self.alpha,
                 "svgd_norm": actor_metadata["svgd_norm"],
             },
             batch_size=[],
@@ -152,7 +172,8 @@ class SQLLoss(SoftQLoss):
         """Amortized SVGD surrogate for the sampler; no gradient reaches the critic."""
         observation = self._get(tensordict, self.tensor_keys.observation)
         sampler = self.actor_network
-        draws = sampler.sample(observation, self.num_particles)
+        with self.actor_network_params.to_module(sampler):
+            draws = sampler.sample(observation, self.num_particles)
         per_particle_obs = observation.unsqueeze(-2)
 
         def log_density(u: torch.Tensor) -> torch.Tensor:

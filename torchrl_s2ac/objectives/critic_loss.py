@@ -4,11 +4,12 @@ r"""What S2AC and SQL share: a soft Q ensemble trained by TD(0) against a soft s
     y = r + \gamma (1 - \text{terminated})\, V(s'), \qquad \mathcal L_Q = \sum_k (Q_k(s, a) - y)^2,
 
 where each loss defines its own estimate of the soft value :math:`V(s')`
-(:meth:`SoftQLoss.next_state_value`).
+(:meth:`SoftQCriticLoss.next_state_value`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -18,19 +19,29 @@ from torch import nn
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator, distance_loss
 
-from torchrl_s2ac.modules.critic import SoftQCritic
+from torchrl_s2ac.modules.critic import CriticEnsemble, SoftQCritic
 
-__all__ = ["SoftQLoss"]
+__all__ = ["SoftQCriticLoss"]
+
+# Registered state a policy may hold besides its own trainable parameters: the critic it samples from and
+# the temperature it acts with (SVGDActor does). The loss trains them as qvalue_network_params and
+# log_alpha, so they are left out of actor_network_params: the two parameter sets are disjoint.
+_SHARED_WITH_ACTOR = ("critic", "temperature")
 
 
-class SoftQLoss(LossModule):
+class SoftQCriticLoss(LossModule):
     """Base of :class:`~torchrl_s2ac.S2ACLoss` and :class:`~torchrl_s2ac.SQLLoss`: keys, TD(0) target, critic loss.
 
-    Subclasses implement :meth:`next_state_value` and ``forward``.
+    Subclasses implement :meth:`next_state_value` and ``forward``. Every network call goes through the
+    loss's parameters (``params.to_module(network)``), so a deep copy of the loss trains its own copy.
 
     Args:
         actor_network (nn.Module): the policy, kept as functional parameters ``actor_network_params``.
-        qvalue_network (SoftQCritic): the critic ensemble; its target copy is
+            Its ``critic`` and ``temperature`` submodules, if any, are not among them (they are
+            ``qvalue_network_params`` and ``log_alpha``): give ``actor_network_params`` to the actor's
+            optimizer and ``qvalue_network_params`` to the critic's.
+        qvalue_network (SoftQCritic or CriticEnsemble): the critic ensemble; its parameters are
+            ``qvalue_network_params`` (the module's own, trained in place) and its target copy is
             ``target_qvalue_network_params`` (updated by :class:`~torchrl.objectives.SoftUpdate`).
 
     Keyword Args:
@@ -68,7 +79,7 @@ class SoftQLoss(LossModule):
     SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
 
     actor_network: nn.Module
-    qvalue_network: SoftQCritic
+    qvalue_network: SoftQCritic | CriticEnsemble
     actor_network_params: TensorDictParams
     qvalue_network_params: TensorDictParams
     target_actor_network_params: TensorDictParams
@@ -77,7 +88,7 @@ class SoftQLoss(LossModule):
     def __init__(
         self,
         actor_network: nn.Module,
-        qvalue_network: SoftQCritic,
+        qvalue_network: SoftQCritic | CriticEnsemble,
         *,
         loss_function: str = "l2",
         delay_qvalue: bool = True,
@@ -85,8 +96,10 @@ class SoftQLoss(LossModule):
         use_prioritized_weights: str | bool = "auto",
     ) -> None:
         name = type(self).__name__
-        if not isinstance(qvalue_network, SoftQCritic):
-            raise TypeError(f"{name}: qvalue_network must be a SoftQCritic, got {type(qvalue_network).__name__}.")
+        if not isinstance(qvalue_network, (SoftQCritic, CriticEnsemble)):
+            raise TypeError(
+                f"{name}: qvalue_network must be a SoftQCritic or CriticEnsemble, got {type(qvalue_network).__name__}."
+            )
         if loss_function not in ("l2", "l1", "smooth_l1"):
             raise ValueError(f"{name}: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
         if reduction is None:
@@ -100,7 +113,26 @@ class SoftQLoss(LossModule):
         self.use_prioritized_weights = use_prioritized_weights
         self.delay_qvalue = delay_qvalue
         self.convert_to_functional(actor_network, "actor_network")
+        self.actor_network_params = TensorDictParams(
+            self.actor_network_params.exclude(*_SHARED_WITH_ACTOR), no_convert=True
+        )
+        # SoftQCritic and CriticEnsemble hold their members' parameters themselves (no expansion here):
+        # qvalue_network_params are the critic module's own parameters.
         self.convert_to_functional(qvalue_network, "qvalue_network", create_target_params=delay_qvalue)
+
+    def __deepcopy__(self, memo: dict) -> SoftQCriticLoss:
+        """A copy whose networks hold the copy's parameters, so the copied policy acts with what the copy trains.
+
+        (A ``TensorDictParams`` deep copy ignores ``memo``: without this, the copied actor and critic would keep
+        parameters of their own, apart from the copied ``*_params`` the copied loss trains.)
+        """
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+        copied.actor_network_params.to_module(copied.actor_network)
+        copied.qvalue_network_params.to_module(copied.qvalue_network)
+        return copied
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
@@ -155,13 +187,14 @@ class SoftQLoss(LossModule):
         self._in_keys = values
 
     def _get(self, tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
+        """The batch entry under ``key``, detached: data, even when collected with gradients on."""
         value = tensordict.get(key, None)
         if value is None:
             raise KeyError(
                 f"{type(self).__name__}: key {key!r} not found in the input tensordict (keys: "
                 f"{sorted(map(str, tensordict.keys(True, True)))}). Use set_keys() to rename."
             )
-        return value
+        return value.detach()
 
     def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
         r"""The soft value :math:`V(s')`, ``[*batch]``, computed without gradient."""
@@ -187,7 +220,8 @@ class SoftQLoss(LossModule):
         target = self.value_target(tensordict).squeeze(-1)
         observation = self._get(tensordict, self.tensor_keys.observation)
         action = self._get(tensordict, self.tensor_keys.action)
-        q = self.qvalue_network.ensemble_values(observation, action)  # [num_q, *batch]
+        with self.qvalue_network_params.to_module(self.qvalue_network):
+            q = self.qvalue_network.ensemble_values(observation, action)  # [num_q, *batch]
         if q.shape[1:] != target.shape:
             raise ValueError(
                 f"{type(self).__name__}: critic values {tuple(q.shape[1:])} and TD target {tuple(target.shape)} "

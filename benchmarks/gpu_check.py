@@ -1,0 +1,195 @@
+"""One-command GPU check: S2AC's sampler, update and acting on CUDA agree with the CPU.
+
+    python benchmarks/gpu_check.py [--updates 20] [--device cuda:0]
+
+Without a visible GPU it prints "no GPU: skipped" and exits with status 0. With one it checks, from the
+same weights:
+
+1. the SVGD sampler (particles and closed-form log-density, from the same initial particles) and the
+   critic's closed-form action gradient match the CPU to float tolerance;
+2. every parameter and buffer is on the device, and sampling makes no host synchronisation
+   (``torch.cuda.set_sync_debug_mode``, with the once-per-call finite check and warning turned off);
+3. the S2AC loss outputs and every gradient match the CPU for the same batch (the initial particles are
+   drawn on the CPU for both, so the two runs see the same randomness); then a few timed updates;
+4. acting through a TorchRL ``Collector`` with the policy on the device, and a weight sync.
+
+It prints one line per check and the time per update on each device; it exits with status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from unittest import mock
+import time
+import warnings
+
+import torch
+from tensordict import TensorDict  # noqa: E402
+from torchrl.collectors import Collector  # noqa: E402
+from torchrl.data import Bounded  # noqa: E402
+from torchrl.envs import InitTracker, TransformedEnv  # noqa: E402
+
+from torchrl_s2ac import S2ACLoss, SoftQCritic, SVGDActor, sample_truncated_normal  # noqa: E402
+from torchrl_s2ac.envs import MultiGoalEnv  # noqa: E402
+
+OBS, ACT, BATCH = 17, 6, 100  # HalfCheetah shapes, the authors' batch
+
+
+def build(device: torch.device) -> S2ACLoss:
+    torch.manual_seed(0)
+    spec = Bounded(-torch.ones(ACT), torch.ones(ACT), (ACT,))
+    actor = SVGDActor(spec, SoftQCritic(OBS, ACT), max_step_ratio=0.5, warn_ratio=None).to(device)
+    return S2ACLoss(actor, fixed_alpha=False).make_value_estimator(gamma=0.99)
+
+
+def batch(generator: torch.Generator) -> TensorDict:
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    return TensorDict(
+        {
+            "observation": randn(BATCH, OBS),
+            "action": torch.rand(BATCH, ACT, generator=generator) * 2 - 1,
+            "next": {
+                "observation": randn(BATCH, OBS),
+                "reward": randn(BATCH, 1),
+                "done": torch.zeros(BATCH, 1, dtype=torch.bool),
+                "terminated": torch.zeros(BATCH, 1, dtype=torch.bool),
+            },
+        },
+        [BATCH],
+    )
+
+
+def report(name: str, ok: bool, detail: str = "") -> bool:
+    print(f"[{'ok' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}")
+    return ok
+
+
+def sampler_parity(cpu: S2ACLoss, gpu: S2ACLoss, device: torch.device) -> bool:
+    observation = torch.randn(BATCH, OBS)
+    particles = torch.randn(BATCH, 10, ACT)
+    log_q0 = torch.zeros(BATCH, 10)
+    results = []
+    for loss, dev in ((cpu, torch.device("cpu")), (gpu, device)):
+        actor = loss.actor_network
+        obs = observation.to(dev).unsqueeze(-2)
+        q, grad = actor.critic.values_and_action_grad(obs, actor.squash(particles.to(dev)))
+        out = actor.stein.sample(
+            lambda u, actor=actor, obs=obs: actor.critic.min_values(obs, actor.squash(u)) / actor.alpha,
+            particles.to(dev),
+            log_q0.to(dev),
+        )
+        results.append([t.cpu() for t in (q, grad, out.particles, out.log_prob)])
+    close = all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(*results))
+    worst = max((a - b).abs().max().item() for a, b in zip(*results))
+    return report("sampler and critic gradient match the CPU", close, f"largest difference {worst:.2e}")
+
+
+def update(loss: S2ACLoss, optimizer: torch.optim.Optimizer, data: TensorDict) -> TensorDict:
+    out = loss(data)
+    sum(value for key, value in out.items() if key.startswith("loss_")).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.detach()
+
+
+def timed_updates(loss: S2ACLoss, device: torch.device, updates: int) -> tuple[float, list[TensorDict]]:
+    optimizer = torch.optim.Adam(loss.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    data = [batch(generator).to(device) for _ in range(updates)]
+    outs = [update(loss, optimizer, data[0])]  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    outs += [update(loss, optimizer, d) for d in data[1:]]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / max(1, updates - 1), outs
+
+
+def placement_and_syncs(gpu: S2ACLoss, device: torch.device) -> bool:
+    tensors = {**gpu.state_dict(), **{f"actor.{k}": v for k, v in gpu.actor_network.state_dict().items()}}
+    stray = [name for name, tensor in tensors.items() if tensor.device.type != device.type]
+    ok = report("every parameter and buffer is on the device", not stray, ", ".join(stray[:5]))
+    stein = gpu.actor_network.stein
+    stein.check_finite, stein.warn_ratio = False, None
+    observation = torch.randn(BATCH, OBS, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            gpu.actor_network.sample_particles(observation)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    stein.check_finite, stein.warn_ratio = True, 1.0
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return report("no host synchronisation while sampling", not syncs, "; ".join(syncs[:3])) and ok
+
+
+def draws_from_the_cpu(loc, scale, num_samples, bound=3.0):
+    """``sample_truncated_normal`` with the standard draws taken from the CPU generator, on any device."""
+    zeros = torch.zeros(loc.shape, dtype=loc.dtype)
+    z, log_q_standard = sample_truncated_normal(zeros, torch.ones_like(zeros), num_samples, bound)
+    z, log_q_standard = z.to(loc.device), log_q_standard.to(loc.device)
+    return loc.unsqueeze(-2) + scale.unsqueeze(-2) * z, log_q_standard - scale.log().sum(-1, keepdim=True)
+
+
+def loss_parity(cpu: S2ACLoss, gpu: S2ACLoss, device: torch.device) -> bool:
+    data = batch(torch.Generator().manual_seed(2))
+    results = []
+    with mock.patch("torchrl_s2ac.modules.actor.sample_truncated_normal", draws_from_the_cpu):
+        for loss, dev in ((cpu, torch.device("cpu")), (gpu, device)):
+            torch.manual_seed(3)
+            out = loss(data.to(dev))
+            sum(value for key, value in out.items() if key.startswith("loss_")).backward()
+            grads = [p.grad.cpu() for p in loss.parameters()]
+            loss.zero_grad(set_to_none=True)
+            results.append([*(v.detach().cpu() for v in out.values()), *grads])
+    worst = max(((a - b).abs().max() / (1 + a.abs().max())).item() for a, b in zip(*results))
+    return report(
+        "S2AC loss outputs and gradients match the CPU", worst < 1e-3, f"largest relative difference {worst:.2e}"
+    )
+
+
+def acting(device: torch.device) -> bool:
+    env = TransformedEnv(MultiGoalEnv(max_steps=10), InitTracker())
+    critic = SoftQCritic(2, 2, num_cells=(32,))
+    policy = SVGDActor(env.action_spec, critic, num_particles=8, num_cells=(32,), warn_ratio=None).to(device)
+    collector = Collector(env, policy, frames_per_batch=20, total_frames=40, device=device)
+    try:
+        shapes = []
+        for data in collector:
+            shapes.append(tuple(data["action"].shape))
+            collector.update_policy_weights_()
+    finally:
+        collector.shutdown()
+    return report("acting in a Collector on the device, with weight syncs", shapes == [(20, 2), (20, 2)], str(shapes))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--updates", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU: skipped")
+        return 0
+    device = torch.device(args.device)
+    cpu, gpu = build(torch.device("cpu")), build(device)
+    gpu.load_state_dict(cpu.state_dict())  # the same weights
+    ok = sampler_parity(cpu, gpu, device)
+    ok = placement_and_syncs(gpu, device) and ok
+    ok = loss_parity(cpu, gpu, device) and ok
+    cpu_time, _ = timed_updates(cpu, torch.device("cpu"), args.updates)
+    gpu_time, gpu_outs = timed_updates(gpu, device, args.updates)
+    finite = all(torch.isfinite(v).all() for out in gpu_outs for v in out.values())
+    ok = report(f"{args.updates} updates on the device give finite losses", finite) and ok
+    ok = acting(device) and ok
+    print(f"time per update: cpu {1000 * cpu_time:.1f} ms, {device} {1000 * gpu_time:.1f} ms")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
