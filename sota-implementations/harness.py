@@ -122,8 +122,8 @@ KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "number": (_is_number, "a finite number"),
     "bool": (lambda value: isinstance(value, bool), "true or false"),
     "cells": (
-        lambda value: isinstance(value, ListConfig) and len(value) > 0 and all(_is_int(v) and v > 0 for v in value),
-        "a non-empty list of positive integers",
+        lambda value: isinstance(value, ListConfig) and all(_is_int(v) and v > 0 for v in value),
+        "a list of positive integers (hidden layer widths; [] for none)",
     ),
 }
 
@@ -267,7 +267,7 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
         problem = _video_backend_problem(cfg.logger.backend)
         need(problem is None, f"logger.video=true needs a logger that records video ({problem}).")
     need(cfg.checkpoint.every_frames >= 1, f"checkpoint.every_frames={cfg.checkpoint.every_frames} must be >= 1.")
-    need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: torch's default).")
+    need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: automatic).")
     root = Path(cfg.checkpoint.dir).absolute()
     if cfg.resume:
         root, _ = checkpoint.locate(Path(to_absolute_path(cfg.resume)), cfg.checkpoint.dir)
