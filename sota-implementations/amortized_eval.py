@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import s2ac  # noqa: E402
 
@@ -48,8 +49,7 @@ def main() -> None:
     if not cfg.s2ac.get("amortized", False):
         raise SystemExit(f"{args.run_dir} was trained without s2ac.amortized=true: there is no sampler to compare.")
     agent = s2ac.make_agent(cfg, harness.env_specs(cfg))
-    checkpoint = torch.load(args.run_dir / "checkpoints" / "last.pt", weights_only=False)
-    agent.loss.load_state_dict(checkpoint["loss"])
+    counters = checkpoint.load_weights(args.run_dir / "checkpoints", agent.loss)
     actor, sampler = agent.policy, agent.policy.amortized_sampler
     rows = [
         ("SVGD particles", f"training ({cfg.s2ac.train_selection})", agent.policy, ExplorationType.RANDOM),
@@ -57,7 +57,7 @@ def main() -> None:
         ("amortized sampler", "random noise", sampler, ExplorationType.RANDOM),
         ("amortized sampler", "noise 0", sampler, ExplorationType.DETERMINISTIC),
     ]
-    print(f"{cfg.env.name}, {checkpoint['state']['frames']} frames, {args.episodes} episodes each, seed {args.seed}")
+    print(f"{cfg.env.name}, {counters['frames']} frames, {args.episodes} episodes each, seed {args.seed}")
     print(f"m = {actor.num_particles}, L = {actor.stein.num_steps}\n")
     print("| acting | selection | return (mean ± std) | ms per env step |")
     print("| --- | --- | --- | --- |")

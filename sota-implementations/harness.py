@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import random
 import signal
@@ -32,12 +33,12 @@ import tqdm
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
 from torchrl._utils import timeit
 from torchrl.collectors import Collector
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import Bounded, LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs import (
     Compose,
     DoubleToFloat,
@@ -48,6 +49,7 @@ from torchrl.envs import (
     RewardSum,
     SerialEnv,
     StepCounter,
+    Transform,
     TransformedEnv,
 )
 from torchrl.envs.libs.gym import GymEnv, set_gym_backend
@@ -56,11 +58,25 @@ from torchrl.objectives import HardUpdate, LossModule, SoftUpdate, group_optimiz
 from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
+import checkpoint
 import torchrl_s2ac
-from torchrl_s2ac import SoftQCritic
+from torchrl_s2ac import NonFiniteError, SoftQCritic, first_non_finite
 from torchrl_s2ac.envs import until_first_done
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
+
+
+def _run_dir(resume: str | None, checkpoint_dir: str, default: str) -> str:
+    """``hydra.run.dir``: a resumed run continues in its own directory (see :func:`checkpoint.locate`)."""
+    if not resume:
+        return default
+    try:
+        return str(checkpoint.locate(Path(resume), checkpoint_dir)[1])
+    except checkpoint.CheckpointError:
+        return default  # validation then reports the bad resume= in one line
+
+
+OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
 
 
 class ConfigError(ValueError):
@@ -89,12 +105,91 @@ def exit_on_config_error(validate: Callable[[DictConfig], None], cfg: DictConfig
     """Run ``validate``; a :class:`ConfigError` ends the program with one line naming the bad value."""
     try:
         validate(cfg)
-    except ConfigError as error:
+    except (ConfigError, checkpoint.CheckpointError) as error:
         raise SystemExit(f"Invalid configuration: {error}") from None
 
 
-def validate_common(cfg: DictConfig) -> None:
-    """Check the settings shared by every script; raise :class:`ConfigError` naming the bad value."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a finite number"),
+    "bool": (lambda value: isinstance(value, bool), "true or false"),
+    "cells": (
+        lambda value: isinstance(value, ListConfig) and all(_is_int(v) and v > 0 for v in value),
+        "a list of positive integers (hidden layer widths; [] for none)",
+    ),
+}
+
+COMMON_KINDS = {
+    "env.num_envs": "int",
+    "env.max_episode_steps": "int",
+    "seed": "int",
+    "env.parallel": "bool",
+    "collector.total_frames": "int",
+    "collector.frames_per_batch": "int",
+    "collector.init_random_frames": "int",
+    "collector.learning_starts": "int",
+    "collector.num_workers": "int",
+    "replay_buffer.size": "int",
+    "optim.batch_size": "int",
+    "optim.utd_ratio": "number",
+    "optim.gamma": "number",
+    "optim.lr_actor": "number",
+    "optim.lr_critic": "number",
+    "optim.lr_alpha": "number",
+    "optim.target_update_polyak": "number",
+    "optim.target_update_interval": "int?",
+    "optim.max_grad_norm": "number?",
+    "logger.eval_every_frames": "int",
+    "logger.eval_episodes": "int",
+    "logger.log_every_frames": "int",
+    "logger.video": "bool",
+    "checkpoint.every_frames": "int",
+    "num_threads": "int",
+    "network.num_qvalue_nets": "int",
+    "network.critic_cells": "cells",
+}
+
+
+def check_kinds(cfg: DictConfig, kinds: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` for the first ``key`` whose value is not of its kind (``"int?"``: int or null)."""
+    for key, kind in kinds.items():
+        value = OmegaConf.select(cfg, key)
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        accepts, description = KINDS[kind]
+        if not accepts(value):
+            shown = list(value) if isinstance(value, ListConfig) else value
+            raise ConfigError(f"{key}={shown!r} must be {description}.")
+
+
+def _video_backend_problem(backend) -> str | None:
+    """Why ``logger.backend`` cannot record eval videos, or ``None`` when it can."""
+    if not backend:
+        return "logger.backend=null records nothing"
+    if backend == "csv" and importlib.util.find_spec("torchcodec") is None:
+        return "logger.backend=csv writes videos with torchcodec, which is not installed"
+    if backend == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return "logger.backend=tensorboard needs the tensorboard package, which is not installed"
+    return None
+
+
+def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> None:
+    """Check the settings shared by every script (and the value kinds in ``kinds``, the script's own).
+
+    Raise :class:`ConfigError` naming the first bad value. Also checks that the checkpoint directory is
+    writable and that ``resume`` names a checkpoint.
+    """
+    check_kinds(cfg, {**COMMON_KINDS, **(kinds or {})})
     c, rb, optim, env = cfg.collector, cfg.replay_buffer, cfg.optim, cfg.env
 
     def need(condition: bool, message: str) -> None:
@@ -119,6 +214,11 @@ def validate_common(cfg: DictConfig) -> None:
     need(c.total_frames >= c.frames_per_batch, f"collector.total_frames={c.total_frames} must be >= frames_per_batch.")
     need(c.init_random_frames >= 0, f"collector.init_random_frames={c.init_random_frames} must be >= 0.")
     need(c.learning_starts >= 0, f"collector.learning_starts={c.learning_starts} must be >= 0.")
+    need(
+        c.learning_starts <= c.total_frames,
+        f"collector.learning_starts={c.learning_starts} is beyond collector.total_frames={c.total_frames} "
+        "(no update would run).",
+    )
     need(c.backend in ("direct", "process", "ray"), f"collector.backend={c.backend!r} must be direct, process or ray.")
     need(c.num_workers >= 1, f"collector.num_workers={c.num_workers} must be >= 1.")
     if c.backend == "ray":
@@ -132,12 +232,13 @@ def validate_common(cfg: DictConfig) -> None:
                 torch.device(value)
             except RuntimeError:
                 raise ConfigError(f"{name}={value!r} is not a torch device.") from None
+    need(c.non_finite in ("raise", "skip"), f"collector.non_finite={c.non_finite!r} must be raise or skip.")
+    need(optim.batch_size >= 1, f"optim.batch_size={optim.batch_size} must be >= 1.")
     need(
         optim.batch_size <= max(c.learning_starts, c.frames_per_batch),
         f"optim.batch_size={optim.batch_size} is larger than the data available when updates start "
         f"(collector.learning_starts={c.learning_starts}).",
     )
-    need(optim.batch_size >= 1, f"optim.batch_size={optim.batch_size} must be >= 1.")
     need(optim.utd_ratio > 0, f"optim.utd_ratio={optim.utd_ratio} must be > 0.")
     need(0 < optim.gamma <= 1, f"optim.gamma={optim.gamma} must be in (0, 1].")
     need(
@@ -148,16 +249,29 @@ def validate_common(cfg: DictConfig) -> None:
     need(interval is None or interval >= 1, f"optim.target_update_interval={interval} must be >= 1 or null.")
     for name in ("lr_actor", "lr_critic", "lr_alpha"):
         need(optim[name] > 0, f"optim.{name}={optim[name]} must be > 0.")
+    need(
+        optim.max_grad_norm is None or optim.max_grad_norm > 0,
+        f"optim.max_grad_norm={optim.max_grad_norm} must be > 0 (or null: no clipping).",
+    )
     need(rb.size >= optim.batch_size, f"replay_buffer.size={rb.size} must be >= optim.batch_size.")
     need(rb.storage in ("tensor", "memmap"), f"replay_buffer.storage={rb.storage!r} must be 'tensor' or 'memmap'.")
+    need(cfg.network.num_qvalue_nets >= 1, f"network.num_qvalue_nets={cfg.network.num_qvalue_nets} must be >= 1.")
     need(
         cfg.logger.backend in ("wandb", "csv", "tensorboard", None, ""),
         f"logger.backend={cfg.logger.backend!r} is unknown.",
     )
-    need(not (cfg.logger.video and env.library != "gymnasium"), "logger.video=true needs a gymnasium (MuJoCo) env.")
-    need(cfg.logger.eval_episodes >= 1, f"logger.eval_episodes={cfg.logger.eval_episodes} must be >= 1.")
+    for name in ("eval_every_frames", "log_every_frames", "eval_episodes"):
+        need(cfg.logger[name] >= 1, f"logger.{name}={cfg.logger[name]} must be >= 1.")
+    if cfg.logger.video:
+        need(env.library == "gymnasium", "logger.video=true needs a gymnasium (MuJoCo) env.")
+        problem = _video_backend_problem(cfg.logger.backend)
+        need(problem is None, f"logger.video=true needs a logger that records video ({problem}).")
+    need(cfg.checkpoint.every_frames >= 1, f"checkpoint.every_frames={cfg.checkpoint.every_frames} must be >= 1.")
+    need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: automatic).")
+    root = Path(cfg.checkpoint.dir).absolute()
     if cfg.resume:
-        need(Path(to_absolute_path(cfg.resume)).is_file(), f"resume={cfg.resume!r}: no such checkpoint file.")
+        root, _ = checkpoint.locate(Path(to_absolute_path(cfg.resume)), cfg.checkpoint.dir)
+    checkpoint.check_writable(root)
 
 
 # ---------------------------------------------------------------------------
@@ -206,12 +320,73 @@ def multigoal_kwargs(cfg: DictConfig) -> dict:
     }
 
 
+NON_FINITE = "non_finite"  # written by NonFiniteGuard, at the root and under "next": 0 when finite, see below
+
+
+class NonFiniteGuard(Transform):
+    """Checks each reset's observation and each step's observation and reward for NaN or inf (one reduction).
+
+    With ``raise_source`` (a name for the env's use, e.g. ``"evaluation"``), a non-finite value raises
+    :class:`~torchrl_s2ac.NonFiniteError` naming the key. Without it (collector envs, which may run in
+    worker processes that cannot report errors), the non-finite values are replaced by 0 so that the
+    policy can act, a step's episode is ended (``truncated``), and ``non_finite`` records which key it
+    was (1 + its index in ``GUARDED``); the training loop (:func:`finite_transitions`) then raises or
+    skips the transition.
+    """
+
+    GUARDED = ("observation", "reward")
+
+    def __init__(self, raise_source: str | None = None) -> None:
+        super().__init__()
+        self.raise_source = raise_source
+
+    def _check(self, tensordict, keys: tuple[str, ...], event: str) -> torch.Tensor:
+        values = {key: tensordict.get(key) for key in keys}
+        code = torch.zeros(*tensordict.batch_size, 1, dtype=torch.uint8, device=tensordict.device)
+        name = first_non_finite(values)
+        if name is None:
+            return code
+        if self.raise_source is not None:
+            label = "next observation" if (name, event) == ("observation", "step") else name
+            raise NonFiniteError(f"non-finite {label} returned by an environment {event} ({self.raise_source}).")
+        for index, (key, value) in reversed(list(enumerate(values.items()))):  # the first key's code wins
+            finite = torch.isfinite(value)
+            bad = ~finite.flatten(tensordict.batch_dims).all(-1, keepdim=True)
+            code = torch.where(bad, torch.full_like(code, index + 1), code)
+            tensordict.set(key, torch.where(finite, value, torch.zeros_like(value)))
+        return code
+
+    def _reset(self, tensordict, tensordict_reset):
+        tensordict_reset.set(NON_FINITE, self._check(tensordict_reset, self.GUARDED[:1], "reset"))
+        return tensordict_reset
+
+    def _step(self, tensordict, next_tensordict):
+        code = self._check(next_tensordict, self.GUARDED, "step")
+        next_tensordict.set(NON_FINITE, code)
+        if self.raise_source is None:
+            for key in ("truncated", "done"):
+                next_tensordict.set(key, next_tensordict.get(key) | (code > 0))
+        return next_tensordict
+
+    def transform_observation_spec(self, observation_spec):
+        observation_spec[NON_FINITE] = Bounded(
+            0, len(self.GUARDED), shape=(*observation_spec.shape, 1), dtype=torch.uint8, device=observation_spec.device
+        )
+        return observation_spec
+
+
 def make_env(
-    cfg: DictConfig, num_envs: int, from_pixels: bool = False, device: torch.device | None = None
+    cfg: DictConfig,
+    num_envs: int,
+    from_pixels: bool = False,
+    device: torch.device | None = None,
+    evaluation: bool = False,
 ) -> TransformedEnv:
     """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms.
 
-    ``device``: where the env's outputs are placed (the policy's device for evaluation).
+    ``device``: where the env's outputs are placed (the policy's device for evaluation). A
+    :class:`NonFiniteGuard` sees each step first; it raises in ``evaluation`` envs when
+    ``collector.non_finite=raise`` and flags non-finite steps otherwise.
     """
     creator = EnvCreator(functools.partial(_base_env, cfg, from_pixels))
     if cfg.env.parallel:
@@ -220,8 +395,19 @@ def make_env(
         batched = SerialEnv(num_envs, creator, device=device)
     return TransformedEnv(
         batched,
-        Compose(InitTracker(), StepCounter(cfg.env.max_episode_steps), DoubleToFloat(), RewardSum()),
+        Compose(
+            NonFiniteGuard(evaluation_guard(cfg) if evaluation else None),
+            InitTracker(),
+            StepCounter(cfg.env.max_episode_steps),
+            DoubleToFloat(),
+            RewardSum(),
+        ),
     )
+
+
+def evaluation_guard(cfg: DictConfig) -> str | None:
+    """``NonFiniteGuard``'s ``raise_source`` for evaluation envs: raise unless ``collector.non_finite=skip``."""
+    return "evaluation" if cfg.collector.non_finite == "raise" else None
 
 
 def env_specs(cfg: DictConfig) -> EnvBase:
@@ -323,11 +509,13 @@ def run_identity(cfg: DictConfig, algorithm: str) -> dict:
     }
 
 
-def make_logger(cfg: DictConfig, identity: dict, run_id: str | None):
-    """A TorchRL logger; with W&B, the runs of one sweep share a group and carry algorithm, env and seed as tags."""
+def make_logger(cfg: DictConfig, identity: dict, name: str):
+    """A TorchRL logger (``None`` for ``logger.backend=null``) named ``name``, the run's name, kept across resumes.
+
+    With W&B, the runs of one sweep share a group and carry algorithm, env and seed as tags.
+    """
     if not cfg.logger.backend:
         return None
-    name = run_id or generate_exp_name(identity["algorithm"].upper(), cfg.logger.exp_name)
     wandb_kwargs = {
         "mode": cfg.logger.mode,
         "project": cfg.logger.project_name,
@@ -393,7 +581,10 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
     """
     from torchrl_s2ac.envs import MultiGoalEnv, goal_hits
 
-    env = MultiGoalEnv(**multigoal_kwargs(cfg), batch_size=(cfg.env.coverage_episodes,))
+    env = TransformedEnv(
+        MultiGoalEnv(**multigoal_kwargs(cfg), batch_size=(cfg.env.coverage_episodes,)),
+        NonFiniteGuard(evaluation_guard(cfg)),
+    )
     env.set_seed(cfg.seed)
     with set_exploration_type(ExplorationType.RANDOM):
         rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
@@ -405,50 +596,64 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
 
 
 def make_eval_env(cfg: DictConfig, logger) -> EnvBase:
-    env = make_env(cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video), device=network_device(cfg))
+    env = make_env(
+        cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video), device=network_device(cfg), evaluation=True
+    )
     if cfg.logger.video:
         env.append_transform(VideoRecorder(logger, tag="eval/video", in_keys=["pixels"]))
     return env
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and resume (the format is in checkpoint.py)
 # ---------------------------------------------------------------------------
 
+# Settings a checkpoint must share with the run that resumes it (beyond algorithm and shapes).
+IDENTITY_KEYS = (
+    "env.library",
+    "env.name",
+    "env.layout",
+    "env.obstacle",
+    "network",
+    "replay_buffer.size",
+    "s2ac.amortized",
+    "s2ac.fixed_alpha",
+    "s2ac.fixed_init_std",
+    "sac.fixed_alpha",
+)
 
-def save_checkpoint(path: Path, agent: Agent, replay_buffer, state: dict) -> None:
-    """Everything a resumed run needs: modules + targets (the loss), optimisers, buffer, counters, RNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer_dir = path.with_suffix(".buffer")
-    replay_buffer.dumps(buffer_dir)
+
+def checkpoint_identity(cfg: DictConfig, algorithm: str, env: EnvBase) -> dict:
+    """What a resumed run must share with its checkpoint: algorithm, observation/action shapes, ``IDENTITY_KEYS``."""
+    identity = {
+        "algorithm": algorithm,
+        "observation_shape": list(env.observation_spec["observation"].shape),
+        "action_shape": list(env.action_spec.shape),
+    }
+    for key in IDENTITY_KEYS:
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if isinstance(value, dict):
+            identity.update({f"{key}.{name}": v for name, v in value.items()})
+        else:
+            identity[key] = value
+    return identity
+
+
+def truncate_metrics(path: Path, frames: int) -> None:
+    """Drop the records of ``path`` logged after ``frames`` (by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["frames"] <= frames:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill
+            continue
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "loss": agent.loss.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in agent.optimizers.items()},
-            "state": state,
-            "buffer_dir": str(buffer_dir),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        },
-        tmp,
-    )
+    tmp.write_text("".join(kept))
     tmp.replace(path)
-
-
-def load_checkpoint(path: Path, agent: Agent, replay_buffer) -> dict:
-    checkpoint = torch.load(path, weights_only=False)
-    agent.loss.load_state_dict(checkpoint["loss"])
-    for name, opt in agent.optimizers.items():
-        opt.load_state_dict(checkpoint["optimizers"][name])
-    replay_buffer.loads(checkpoint["buffer_dir"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    random.setstate(checkpoint["rng"]["python"])
-    return checkpoint["state"]
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +662,7 @@ def load_checkpoint(path: Path, agent: Agent, replay_buffer) -> dict:
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current batch.
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current update.
 
     A second Ctrl-C interrupts at once (the default handler is back).
     """
@@ -475,17 +680,77 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+TRANSITION_KEYS = {
+    "observation": "observation",
+    "action": "action",
+    ("next", "observation"): "next observation",
+    ("next", "reward"): "reward",
+}
+
+
+def finite_transitions(data: TensorDict, mode: str, frames: int) -> tuple[TensorDict, int]:
+    """The transitions of a collected batch fit for the buffer, and how many were skipped.
+
+    A transition is unfit when its observation, action, next observation or reward holds a NaN or an
+    inf, or when :class:`NonFiniteGuard` flagged its observation (at the root) or its step (under
+    ``"next"``). ``mode="raise"``: raise :class:`~torchrl_s2ac.NonFiniteError` naming the first such
+    key (two host synchronisations per batch); ``mode="skip"``: leave those transitions out.
+    """
+    values = {label: data.get(key) for key, label in TRANSITION_KEYS.items()}
+    flags = {
+        "observation": data.get(NON_FINITE).reshape(-1),
+        "step": data.get(("next", NON_FINITE)).reshape(-1),
+    }
+    where = f"collected batch, frames {frames} to {frames + data.numel()}"
+    if mode == "raise":
+        name = first_non_finite(values)
+        if name is not None:
+            raise NonFiniteError(f"non-finite {name} in the {where}; collector.non_finite=skip drops it instead.")
+        reset_code, step_code = torch.stack([flags["observation"].max(), flags["step"].max()]).tolist()
+        if reset_code or step_code:
+            label = "observation" if reset_code else ("next observation", "reward")[step_code - 1]
+            raise NonFiniteError(
+                f"non-finite {label} returned by the environment ({where}); "
+                "collector.non_finite=skip drops such transitions instead."
+            )
+        return data, 0
+    keep = (flags["observation"] == 0) & (flags["step"] == 0)
+    for value in values.values():
+        keep &= torch.isfinite(value).reshape(data.numel(), -1).all(-1)
+    skipped = int(data.numel() - keep.sum())
+    return (data[keep] if skipped else data), skipped
+
+
 def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, EnvBase], Agent]) -> dict:
-    """Collect, store, update, evaluate, log and checkpoint until ``collector.total_frames``."""
+    """Collect, store, update, evaluate, log and checkpoint until ``collector.total_frames``.
+
+    A checkpoint that cannot be written or resumed, and non-finite data, end the program with one line.
+    """
+    try:
+        return _train(cfg, algorithm, make_agent)
+    except checkpoint.CheckpointError as error:
+        raise SystemExit(f"Checkpoint error: {error}") from None
+    except NonFiniteError as error:
+        raise SystemExit(f"Non-finite data: {error}") from None
+
+
+def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, EnvBase], Agent]) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     torch.set_num_threads(num_threads(cfg))
 
-    agent = make_agent(cfg, env_specs(cfg))
+    specs = env_specs(cfg)
+    agent = make_agent(cfg, specs)
+    resume_identity = checkpoint_identity(cfg, algorithm, specs)
+    # The grouped optimiser is the one that steps, so it holds Adam's moments: it is the one checkpointed.
+    optimizer = group_optimizers(*agent.optimizers.values())
     replay_buffer = make_replay_buffer(cfg)
+    checkpoint_root = Path(cfg.checkpoint.dir).absolute()
     state = {
-        "frames": 0,
+        "frames": 0,  # environment steps collected
+        "stored": 0,  # transitions written to the replay buffer (frames - skipped)
+        "skipped": 0,  # non-finite transitions left out (collector.non_finite=skip)
         "updates": 0,
         "elapsed": 0.0,
         "run_id": None,
@@ -493,21 +758,33 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         "next_checkpoint": cfg.checkpoint.every_frames,
     }
     if cfg.resume:
-        state = load_checkpoint(Path(to_absolute_path(cfg.resume)), agent, replay_buffer)
+        checkpoint_root, run_dir = checkpoint.locate(Path(to_absolute_path(cfg.resume)), cfg.checkpoint.dir)
+        os.chdir(run_dir)  # continue in the run's own directory: one metrics.jsonl, W&B run and checkpoint
+        state = checkpoint.load(
+            checkpoint_root,
+            loss=agent.loss,
+            optimizers=[optimizer],
+            replay_buffer=replay_buffer,
+            identity=resume_identity,
+        )
+        truncate_metrics(Path("metrics.jsonl"), state["frames"])
     identity = run_identity(cfg, algorithm)
     Path("run.json").write_text(json.dumps(identity, indent=1) + "\n")
+    state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
-    state["run_id"] = getattr(getattr(logger, "experiment", None), "id", None) or state["run_id"]
     if cfg.optim.get("target_update_interval"):  # a hard copy every N updates (DQN, Haarnoja et al.'s SQL)
         target_updater = HardUpdate(agent.loss, value_network_update_interval=cfg.optim.target_update_interval)
+        target_updater.counter = state["updates"] % (cfg.optim.target_update_interval + 1)  # its phase, on resume
     else:
         target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
-    optimizer = group_optimizers(*agent.optimizers.values())
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def update(batch: TensorDict) -> TensorDict:
         """One gradient step on the sum of every ``loss_*``; returns the loss's scalars and the gradient norms."""
-        loss_td = agent.loss(batch)
+        try:
+            loss_td = agent.loss(batch)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"{error} (replay sample for update {state['updates'] + 1})") from None
         sum(value for key, value in loss_td.items() if key.startswith("loss_")).backward()
         for name, opt in agent.optimizers.items():  # before clipping: what the loss asked for
             loss_td[f"grad_norm_{name}"] = grad_norm(opt)
@@ -525,50 +802,65 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
         else None
     )
     eval_env = make_eval_env(cfg, logger)
-    checkpoint_path = Path(cfg.checkpoint.dir).absolute() / "last.pt"
     progress = tqdm.tqdm(total=cfg.collector.total_frames, initial=state["frames"], desc=algorithm, dynamic_ncols=True)
     window: dict[str, list[float]] = {}
     last_log, start = state["frames"], time.perf_counter()
 
     session_start, elapsed_before = time.perf_counter(), state["elapsed"]
 
-    def checkpoint() -> None:
+    def save() -> None:
         state["elapsed"] = elapsed_before + time.perf_counter() - session_start
-        save_checkpoint(checkpoint_path, agent, replay_buffer, state)
-
-    metrics_file = Path("metrics.jsonl").open("a")
+        checkpoint.save(
+            checkpoint_root,
+            loss=agent.loss,
+            optimizers=[optimizer],
+            replay_buffer=replay_buffer,
+            state=state,
+            identity=resume_identity,
+        )
 
     def record(metrics: dict) -> None:
         """Log to the TorchRL logger and append to metrics.jsonl (read by report.py)."""
         if logger is not None:
             logger.log_metrics(metrics, step=state["frames"])
         elapsed = elapsed_before + time.perf_counter() - session_start
-        metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed, **metrics}) + "\n")
-        metrics_file.flush()
+        with Path("metrics.jsonl").open("a") as metrics_file:
+            metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed, **metrics}) + "\n")
 
     stop = StopRequest()
     try:
         for data in collector if collector is not None else ():
+            data = data.reshape(-1)
+            stored, skipped = finite_transitions(data, cfg.collector.non_finite, state["frames"])
             with timeit("rb_extend"):
-                replay_buffer.extend(data.reshape(-1))
+                if stored.numel():
+                    replay_buffer.extend(stored)
             state["frames"] += data.numel()
+            state["stored"] += stored.numel()
+            state["skipped"] += skipped
             progress.update(data.numel())
-            done = data.get(("next", "done"))
+            done = stored.get(("next", "done"))
             if done.any():
                 window.setdefault("train/episode_return", []).extend(
-                    data.get(("next", "episode_reward"))[done].tolist()
+                    stored.get(("next", "episode_reward"))[done].tolist()
                 )
-            if state["frames"] >= cfg.collector.learning_starts:
+            if state["frames"] >= cfg.collector.learning_starts and len(replay_buffer) >= cfg.optim.batch_size:
                 num_updates = max(1, round(data.numel() * cfg.optim.utd_ratio))
                 with timeit("update"):
-                    batch_metrics = torch.stack([update(replay_buffer.sample()) for _ in range(num_updates)])
-                state["updates"] += num_updates
-                collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
-                for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
-                    if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
-                        window.setdefault(f"train/{key}", []).append(value.float().mean().item())
+                    outputs = []
+                    for _ in range(num_updates):
+                        if stop.requested:  # between updates: the batch is stored, the counters say how many ran
+                            break
+                        outputs.append(update(replay_buffer.sample()))
+                        state["updates"] += 1
+                if outputs:
+                    collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
+                    batch_metrics = torch.stack(outputs)
+                    for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
+                        if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
+                            window.setdefault(f"train/{key}", []).append(value.float().mean().item())
             metrics = {}
-            if state["frames"] >= state["next_eval"]:
+            if state["frames"] >= state["next_eval"] and not stop.requested:
                 with timeit("eval"):
                     metrics.update(evaluate(cfg, eval_env, agent.policy))
                 state["next_eval"] += cfg.logger.eval_every_frames
@@ -578,15 +870,17 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
                 metrics.update({key: float(np.mean(values)) for key, values in window.items() if values})
                 metrics["time/fps"] = (state["frames"] - last_log) / max(elapsed, 1e-9)
                 metrics["train/updates"] = state["updates"]
+                if state["skipped"]:
+                    metrics["train/skipped_transitions"] = state["skipped"]
                 metrics.update({f"time/{k}": v for k, v in timeit.todict(percall=True).items()})
                 record(metrics)
                 window, last_log, start = {}, state["frames"], time.perf_counter()
                 timeit.erase()
             if state["frames"] >= state["next_checkpoint"]:
-                checkpoint()
+                save()
                 state["next_checkpoint"] += cfg.checkpoint.every_frames
-            if stop.requested:  # only between batches: buffer, counters and weights agree
-                checkpoint()
+            if stop.requested:  # buffer, counters and weights agree
+                save()
                 break
     finally:
         stop.restore()
@@ -598,25 +892,21 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
             for scheme in (getattr(collector, "_weight_sync_schemes", None) or {}).values():
                 scheme.shutdown()
     if stop.requested:
-        metrics_file.close()
         if logger is not None and cfg.logger.backend == "wandb":
             import wandb
 
             wandb.finish()
-        tqdm.tqdm.write(
-            f"Interrupted at {state['frames']} frames; resume with resume={checkpoint_path}", file=sys.stderr
-        )
+        tqdm.tqdm.write(f"Interrupted at {state['frames']} frames; resume with resume={os.getcwd()}", file=sys.stderr)
         raise SystemExit(130)
     final = evaluate(cfg, eval_env, agent.policy)
     record({**final, "final": 1})
-    metrics_file.close()
-    checkpoint()
+    save()
     eval_env.close()
     if logger is not None and cfg.logger.backend == "wandb":
         import wandb
 
         wandb.finish()
-    return {"frames": state["frames"], "updates": state["updates"], **final, "checkpoint": str(checkpoint_path)}
+    return {"frames": state["frames"], "updates": state["updates"], **final, "checkpoint": str(checkpoint_root)}
 
 
 def make_critic(cfg: DictConfig, env: EnvBase) -> SoftQCritic:

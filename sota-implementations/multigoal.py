@@ -7,7 +7,7 @@ Train with hydra multirun (experiment/multigoal_<algorithm>.yaml hold each algor
     python sota-implementations/sql.py -m +experiment=multigoal_sql env.layout=three_goals seed=0,1,2,3,4
     python sota-implementations/multigoal.py multirun/*/MultiGoal --layout three_goals --out results/multigoal
 
-Per run (any directory with ``metrics.jsonl``, ``.hydra/`` and ``checkpoints/last.pt`` under the given
+Per run (any directory with ``metrics.jsonl``, ``.hydra/`` and ``checkpoints/latest`` under the given
 paths, for the chosen layout), plays 20 test episodes with the stochastic (training) action selection,
 with and without the layout's obstacle. S2AC runs that trained the amortized sampler are also tested
 with it ("S2AC-amortized": one network pass per action, no SVGD); S2AC with a learned q0 is labelled
@@ -48,6 +48,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type  # noqa: E4
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 
@@ -79,7 +80,7 @@ def discover(paths: list[Path], layout: str) -> list[MultiGoalRun]:
         cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
         if cfg.env.library != "multigoal" or cfg.env.layout != layout:
             continue
-        if not (directory / "checkpoints" / "last.pt").is_file():
+        if not (directory / "checkpoints" / checkpoint.POINTER).is_file():
             continue
         algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
         runs.append(MultiGoalRun(directory, algorithm, int(cfg.get("seed", cfg.env.get("seed", 0))), cfg))
@@ -88,7 +89,7 @@ def discover(paths: list[Path], layout: str) -> list[MultiGoalRun]:
 
 def load_agent(run: MultiGoalRun):
     agent = importlib.import_module(run.algorithm).make_agent(run.cfg, harness.env_specs(run.cfg))
-    agent.loss.load_state_dict(torch.load(run.directory / "checkpoints" / "last.pt", weights_only=False)["loss"])
+    checkpoint.load_weights(run.directory / "checkpoints", agent.loss)
     return agent
 
 

@@ -16,13 +16,35 @@ import harness
 from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor
 
 
+KINDS = {
+    "network.init_cells": "cells",
+    "s2ac.num_particles": "int",
+    "s2ac.num_steps": "int",
+    "s2ac.step_size": "number",
+    "s2ac.kernel_sigma": "number?",
+    "s2ac.max_step_ratio": "number?",
+    "s2ac.fixed_init_std": "number?",
+    "s2ac.alpha": "number",
+    "s2ac.fixed_alpha": "bool",
+    "s2ac.amortized": "bool",
+    "s2ac.compile": "bool",
+}
+
+
 def validate(cfg: DictConfig) -> None:
-    harness.validate_common(cfg)
+    harness.validate_common(cfg, KINDS)
     s = cfg.s2ac
     if s.num_particles < 2:
         raise harness.ConfigError(f"s2ac.num_particles={s.num_particles} must be >= 2.")
-    if s.num_steps < 0:
-        raise harness.ConfigError(f"s2ac.num_steps={s.num_steps} must be >= 0.")
+    if s.num_steps < 1:
+        raise harness.ConfigError(
+            f"s2ac.num_steps={s.num_steps} must be >= 1 (with no SVGD step the policy is q0 alone: use sac.py)."
+        )
+    for name in ("kernel_sigma", "max_step_ratio", "fixed_init_std"):
+        if s[name] is not None and not s[name] > 0:
+            raise harness.ConfigError(f"s2ac.{name}={s[name]} must be > 0 (or null).")
+    if s.kernel_rule not in ("median", "mean"):
+        raise harness.ConfigError(f"s2ac.kernel_rule={s.kernel_rule!r} must be median or mean.")
     if not s.step_size > 0:
         raise harness.ConfigError(f"s2ac.step_size={s.step_size} must be > 0.")
     if not s.alpha > 0:

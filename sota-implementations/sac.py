@@ -15,8 +15,11 @@ from torchrl.objectives import SACLoss
 import harness
 
 
+KINDS = {"network.actor_cells": "cells", "sac.alpha": "number", "sac.fixed_alpha": "bool"}
+
+
 def validate(cfg: DictConfig) -> None:
-    harness.validate_common(cfg)
+    harness.validate_common(cfg, KINDS)
     if not cfg.sac.alpha > 0:
         raise harness.ConfigError(f"sac.alpha={cfg.sac.alpha} must be > 0.")
 

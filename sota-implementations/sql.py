@@ -16,11 +16,24 @@ import harness
 from torchrl_s2ac import AmortizedSampler, RBFKernel, SQLLoss
 
 
+KINDS = {
+    "network.sampler_cells": "cells",
+    "sql.alpha": "number",
+    "sql.num_value_samples": "int",
+    "sql.num_particles": "int",
+    "sql.kernel_sigma": "number?",
+}
+
+
 def validate(cfg: DictConfig) -> None:
-    harness.validate_common(cfg)
+    harness.validate_common(cfg, KINDS)
     s = cfg.sql
     if not s.alpha > 0:
         raise harness.ConfigError(f"sql.alpha={s.alpha} must be > 0.")
+    if s.kernel_sigma is not None and not s.kernel_sigma > 0:
+        raise harness.ConfigError(f"sql.kernel_sigma={s.kernel_sigma} must be > 0 (or null).")
+    if s.kernel_rule not in ("median", "mean"):
+        raise harness.ConfigError(f"sql.kernel_rule={s.kernel_rule!r} must be median or mean.")
     if s.num_value_samples < 1:
         raise harness.ConfigError(f"sql.num_value_samples={s.num_value_samples} must be >= 1.")
     if s.num_particles < 2:

@@ -9,6 +9,7 @@ from torchrl_s2ac.stein import (
     stein_trace,
     svgd_direction,
 )
+from torchrl_s2ac.finite import NonFiniteError, first_non_finite
 from torchrl_s2ac.distributions import TanhSquash, knn_entropy, sample_truncated_normal
 from torchrl_s2ac.modules import (
     AmortizedSample,
@@ -29,6 +30,8 @@ __all__ = [
     "SteinEntropy",
     "SteinOutput",
     "SVGDNumericalError",
+    "NonFiniteError",
+    "first_non_finite",
     "exact_log_det",
     "stein_trace",
     "svgd_direction",

@@ -19,6 +19,7 @@ from torch import nn
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator, distance_loss
 
+from torchrl_s2ac.finite import NonFiniteError, first_non_finite
 from torchrl_s2ac.modules.critic import CriticEnsemble, SoftQCritic
 
 __all__ = ["SoftQCriticLoss"]
@@ -32,8 +33,9 @@ _SHARED_WITH_ACTOR = ("critic", "temperature")
 class SoftQCriticLoss(LossModule):
     """Base of :class:`~torchrl_s2ac.S2ACLoss` and :class:`~torchrl_s2ac.SQLLoss`: keys, TD(0) target, critic loss.
 
-    Subclasses implement :meth:`next_state_value` and ``forward``. Every network call goes through the
-    loss's parameters (``params.to_module(network)``), so a deep copy of the loss trains its own copy.
+    Subclasses implement :meth:`next_state_value` and ``forward`` (which starts with :meth:`check_finite`).
+    Every network call goes through the loss's parameters (``params.to_module(network)``), so a deep copy
+    of the loss trains its own copy.
 
     Args:
         actor_network (nn.Module): the policy, kept as functional parameters ``actor_network_params``.
@@ -195,6 +197,24 @@ class SoftQCriticLoss(LossModule):
                 f"{sorted(map(str, tensordict.keys(True, True)))}). Use set_keys() to rename."
             )
         return value.detach()
+
+    def check_finite(self, tensordict: TensorDictBase) -> None:
+        """Raise :class:`~torchrl_s2ac.NonFiniteError` naming the first non-finite input (one reduction per batch).
+
+        Called at the start of ``forward``, before any network sees the batch, so that a NaN
+        reward or observation stops training before it reaches a parameter.
+        """
+        keys = self.tensor_keys
+        name = first_non_finite(
+            {
+                "observation": self._get(tensordict, keys.observation),
+                "action": self._get(tensordict, keys.action),
+                "next observation": self._get(tensordict, ("next", keys.observation)),
+                "reward": self._get(tensordict, ("next", keys.reward)),
+            }
+        )
+        if name is not None:
+            raise NonFiniteError(f"{type(self).__name__}: non-finite values in the {name} of the input batch.")
 
     def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
         r"""The soft value :math:`V(s')`, ``[*batch]``, computed without gradient."""

@@ -170,6 +170,7 @@ class S2ACLoss(SoftQCriticLoss):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        self.check_finite(tensordict)
         loss_qvalue, metadata = self.qvalue_loss(tensordict)
         loss_actor, actor_metadata = self.actor_loss(tensordict)
         loss_alpha = self.alpha_loss(actor_metadata["log_prob"], tensordict)

@@ -139,6 +139,7 @@ class SQLLoss(SoftQCriticLoss):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        self.check_finite(tensordict)
         loss_qvalue, metadata = self.qvalue_loss(tensordict)
         loss_actor, actor_metadata = self.actor_loss(tensordict)
         tensordict.set(self.tensor_keys.priority, metadata["td_error"])
