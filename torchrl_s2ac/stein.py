@@ -170,7 +170,9 @@ class SteinEntropy(nn.Module):
         check_finite (bool): raise :class:`SVGDNumericalError`, naming the step,
             when NaN or inf appears (default ``True``).
 
-    Checks and warnings synchronise with the device once per call, after the last step, not per step.
+    Checks and warnings synchronise with the device once per call, after the last step, not per step. Under
+    :func:`torch.compile` both are left out of the graph (they would break it): a compiled caller checks the
+    outputs after the call (:meth:`warn_if_not_invertible` on the step ratios, ``isfinite`` on the results).
 
     Examples:
         >>> stein = SteinEntropy(RBFKernel(), step_size=0.1, num_steps=3)
@@ -321,11 +323,20 @@ class SteinEntropy(nn.Module):
             self._raise_if_not_finite(checked_names, finite)
         step_ratio = torch.stack(ratios) if ratios else particles.new_zeros(0)
         capped_fraction = torch.stack(capped) if capped else particles.new_zeros(0)
+        if not torch.compiler.is_compiling():
+            self.warn_if_not_invertible(step_ratio, stacklevel=3)
+        return SteinOutput(particles, log_q, step_ratio, capped_fraction)
+
+    def warn_if_not_invertible(self, step_ratio: torch.Tensor, stacklevel: int = 2) -> None:
+        """Warn when a step ratio (any shape) exceeds ``warn_ratio``: one host synchronisation.
+
+        :meth:`sample` calls it in eager mode. A data-dependent branch breaks a :func:`torch.compile` graph, so
+        compiled callers skip it inside the graph and call it on the step ratios they return, after the call.
+        """
         if self.warn_ratio is not None and step_ratio.numel() and step_ratio.max() > self.warn_ratio:
             warnings.warn(
                 f"SVGD invertibility condition violated: a step moved a particle by "
                 f"{step_ratio.max().item():.3g} kernel length scales (warn_ratio={self.warn_ratio}); "
                 "the closed-form log-density is unreliable. Reduce step_size or set max_step_ratio.",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
-        return SteinOutput(particles, log_q, step_ratio, capped_fraction)

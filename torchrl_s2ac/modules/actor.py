@@ -265,6 +265,7 @@ class SVGDActor(TensorDictModuleBase):
         if self.stein.check_finite and not all(torch.isfinite(x).all() for x in outputs):
             # The compiled graph skips the per-step checks; rerun eagerly to name the failing step.
             return self.sample_particles(observation, with_log_prob=self.return_log_prob)
+        self.stein.warn_if_not_invertible(sample.step_ratio)  # also left out of the graph
         return sample
 
     def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +314,9 @@ class SVGDActor(TensorDictModuleBase):
             dq_da = dq_da.gather(0, member).squeeze(0)
             return dq_da * squash.scale * (1 - tanh_u.square()) / alpha
 
-        with critic_params.to_module(critic) if critic_params is not None else nullcontext():
+        # preserve_module_state=False: the (e.g. detached) tensors are swapped in as they are; rebuilding
+        # nn.Parameters from them would break a torch.compile graph (as TorchRL's _vmap_func does).
+        with nullcontext() if critic_params is None else critic_params.to_module(critic, preserve_module_state=False):
             if critic.has_explicit_action_grad:
                 out = self.stein.sample(None, particles, log_q0, score_fn=score_fn)
             else:

@@ -240,7 +240,7 @@ class SoftQCriticLoss(LossModule):
         target = self.value_target(tensordict).squeeze(-1)
         observation = self._get(tensordict, self.tensor_keys.observation)
         action = self._get(tensordict, self.tensor_keys.action)
-        with self.qvalue_network_params.to_module(self.qvalue_network):
+        with self.qvalue_network_params.to_module(self.qvalue_network, preserve_module_state=False):
             q = self.qvalue_network.ensemble_values(observation, action)  # [num_q, *batch]
         if q.shape[1:] != target.shape:
             raise ValueError(

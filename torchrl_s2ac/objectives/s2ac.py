@@ -196,7 +196,7 @@ class S2ACLoss(SoftQCriticLoss):
 
     def _sample(self, observation: torch.Tensor, critic_params: TensorDictBase) -> ParticleSample:
         r"""The actor's particles with the loss's actor parameters, ``critic_params`` and :math:`\alpha`."""
-        with self.actor_network_params.to_module(self.actor_network):
+        with self.actor_network_params.to_module(self.actor_network, preserve_module_state=False):
             return self.actor_network.sample_particles(observation, critic_params=critic_params, alpha=self._alpha)
 
     def next_state_value(self, next_observation: torch.Tensor) -> torch.Tensor:
@@ -205,7 +205,7 @@ class S2ACLoss(SoftQCriticLoss):
         The particles follow the online critic's score; their values come from the target critic.
         """
         sample = self._sample(next_observation, self.qvalue_network_params.detach())
-        with self.target_qvalue_network_params.to_module(self.qvalue_network):
+        with self.target_qvalue_network_params.to_module(self.qvalue_network, preserve_module_state=False):
             next_q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), sample.action)
         return (next_q - self._alpha * sample.log_prob).mean(-1)
 
@@ -214,7 +214,7 @@ class S2ACLoss(SoftQCriticLoss):
         observation = self._get(tensordict, self.tensor_keys.observation)
         critic_params = self.qvalue_network_params.detach()
         sample = self._sample(observation, critic_params)
-        with critic_params.to_module(self.qvalue_network):
+        with critic_params.to_module(self.qvalue_network, preserve_module_state=False):
             q = self.qvalue_network.min_values(observation.unsqueeze(-2), sample.action)
         loss = (self._alpha * sample.log_prob - q).mean(-1)
         weights = self._maybe_get_priority_weight(tensordict)
@@ -227,7 +227,7 @@ class S2ACLoss(SoftQCriticLoss):
         if self.actor_network.amortized_sampler is None:
             return torch.zeros((), device=sample.action.device)
         observation = self._get(tensordict, self.tensor_keys.observation)
-        with self.actor_network_params.to_module(self.actor_network):
+        with self.actor_network_params.to_module(self.actor_network, preserve_module_state=False):
             sampler = self.actor_network.amortized_sampler
             prediction = sampler.squash(sampler.transport(observation, sample.noise))
         error = ((prediction - sample.action.detach()) / sampler.squash.scale).square().sum(-1).mean(-1)

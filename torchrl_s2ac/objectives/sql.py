@@ -164,7 +164,7 @@ class SQLLoss(SoftQCriticLoss):
             device=next_observation.device,
         )
         actions = squash.loc + squash.scale * (2 * uniform - 1)
-        with self.target_qvalue_network_params.to_module(self.qvalue_network):
+        with self.target_qvalue_network_params.to_module(self.qvalue_network, preserve_module_state=False):
             q = self.qvalue_network.min_values(next_observation.unsqueeze(-2), actions)
         log_volume = (2 * squash.scale).log().sum()
         return self.alpha * (torch.logsumexp(q / self.alpha, -1) - math.log(self.num_value_samples) + log_volume)
@@ -173,7 +173,7 @@ class SQLLoss(SoftQCriticLoss):
         """Amortized SVGD surrogate for the sampler; no gradient reaches the critic."""
         observation = self._get(tensordict, self.tensor_keys.observation)
         sampler = self.actor_network
-        with self.actor_network_params.to_module(sampler):
+        with self.actor_network_params.to_module(sampler, preserve_module_state=False):
             draws = sampler.sample(observation, self.num_particles)
         per_particle_obs = observation.unsqueeze(-2)
 
@@ -181,7 +181,7 @@ class SQLLoss(SoftQCriticLoss):
             q = self.qvalue_network.min_values(per_particle_obs, sampler.squash(u))
             return q / self.alpha + sampler.squash.log_abs_det_jacobian(u)
 
-        with self.qvalue_network_params.detach().to_module(self.qvalue_network):
+        with self.qvalue_network_params.detach().to_module(self.qvalue_network, preserve_module_state=False):
             particles = draws.unsquashed.detach()
             direction = svgd_direction(self.kernel(particles), score(log_density, particles, create_graph=False))
         if not torch.isfinite(direction).all():
