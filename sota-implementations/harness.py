@@ -35,8 +35,8 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModuleBase
-from torchrl._utils import timeit
+from tensordict.nn import CudaGraphModule, TensorDictModuleBase
+from torchrl._utils import compile_with_warmup, timeit
 from torchrl.collectors import Collector
 from torchrl.data import Bounded, LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs import (
@@ -233,6 +233,11 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
             except RuntimeError:
                 raise ConfigError(f"{name}={value!r} is not a torch device.") from None
     need(c.non_finite in ("raise", "skip"), f"collector.non_finite={c.non_finite!r} must be raise or skip.")
+    if compile_settings(cfg).cudagraphs:
+        need(
+            network_device(cfg).type == "cuda",
+            f"compile.cudagraphs=true needs a CUDA network.device; the update runs on {network_device(cfg)}.",
+        )
     need(optim.batch_size >= 1, f"optim.batch_size={optim.batch_size} must be >= 1.")
     need(
         optim.batch_size <= max(c.learning_starts, c.frames_per_batch),
@@ -530,24 +535,90 @@ def make_logger(cfg: DictConfig, identity: dict, name: str):
 
 
 def make_optimizers(cfg: DictConfig, loss: LossModule) -> dict[str, torch.optim.Optimizer]:
-    """Adam on the critic, the actor and (when learned) the temperature."""
+    """Adam on the critic, the actor and (when learned) the temperature; capturable in a CUDA graph with
+    ``compile.cudagraphs`` (its step counters then live on the device)."""
     optim = cfg.optim
+    adam = functools.partial(torch.optim.Adam, capturable=compile_settings(cfg).cudagraphs)
 
     def trainable(params):
         return [p for p in params.values(True, True) if p.requires_grad]
 
-    optimizers = {"critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)}
+    optimizers = {"critic": adam(trainable(loss.qvalue_network_params), lr=optim.lr_critic)}
     if trainable(loss.actor_network_params):  # a fixed q0 has nothing to train
-        optimizers["actor"] = torch.optim.Adam(trainable(loss.actor_network_params), lr=optim.lr_actor)
+        optimizers["actor"] = adam(trainable(loss.actor_network_params), lr=optim.lr_actor)
     if isinstance(getattr(loss, "log_alpha", None), torch.nn.Parameter):
-        optimizers["alpha"] = torch.optim.Adam([loss.log_alpha], lr=optim.lr_alpha)
+        optimizers["alpha"] = adam([loss.log_alpha], lr=optim.lr_alpha)
     return optimizers
 
 
 def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """L2 norm of the gradients of every parameter ``optimizer`` trains (a tensor: no host sync)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    """L2 norm of the gradients of every parameter ``optimizer`` trains (a tensor on their device: no host sync)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def make_update(
+    cfg: DictConfig, agent: Agent, optimizer: torch.optim.Optimizer, target_updater
+) -> Callable[[TensorDict], TensorDict]:
+    """One gradient step on a sampled batch, as TorchRL's sota ``sac.py`` builds it: eager, compiled
+    (``compile.compile``: :func:`torch.compile` after one eager warm-up call, ``compile_with_warmup``) and/or
+    captured in a CUDA graph (``compile.cudagraphs``: ``CudaGraphModule``, CUDA only). ``optimizer`` groups
+    ``agent.optimizers`` (the one that steps, and is checkpointed)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def update(batch: TensorDict) -> TensorDict:
+        """The sum of every ``loss_*`` minimised once; returns the loss's scalars and the gradient norms."""
+        loss_td = agent.loss(batch)
+        sum(value for key, value in loss_td.items() if key.startswith("loss_")).backward()
+        for name, opt in agent.optimizers.items():  # before clipping: what the loss asked for
+            loss_td[f"grad_norm_{name}"] = grad_norm(opt)
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        target_updater.step()
+        return loss_td.detach()
+
+    settings = compile_settings(cfg)
+    if settings.compile:
+        mode = settings.compile_mode or ("default" if settings.cudagraphs else "reduce-overhead")
+        update = compile_with_warmup(update, mode=mode, warmup=1)
+    if not settings.cudagraphs:
+        return update
+    graph = CudaGraphModule(update, in_keys=[], out_keys=[], warmup=5)
+
+    def replay(batch: TensorDict) -> TensorDict:
+        torch.compiler.cudagraph_mark_step_begin()
+        return graph(batch).clone()  # the graph's outputs are overwritten by its next replay
+
+    return replay
+
+
+def compile_settings(cfg: DictConfig) -> DictConfig:
+    """``compile.*`` (TorchRL's sota layout): ``compile``, ``compile_mode``, ``cudagraphs``; all off in configs
+    saved before the options existed."""
+    return cfg.get("compile") or OmegaConf.create({"compile": False, "compile_mode": None, "cudagraphs": False})
+
+
+def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
+    """What a compiled or CUDA-graph update leaves out of its graph (host synchronisations, data-dependent
+    branches), checked on its outputs, ``metrics`` (a batch of updates, stacked), at the cost of one
+    synchronisation: a non-finite loss stops the run, and S2AC's invertibility warning is raised from the logged
+    step ratios."""
+    losses = {key: value for key, value in metrics.items() if key.startswith("loss_")}
+    finite = torch.stack([torch.isfinite(value).all() for value in losses.values()])
+    if not finite.all():
+        names = [name for name, ok in zip(losses, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"Non-finite {', '.join(names)} in a compiled update, whose graph skips the SVGD sampler's per-step "
+            "checks: rerun with compile.compile=false compile.cudagraphs=false to name the step that produced them."
+        )
+    stein = getattr(getattr(loss, "actor_network", None), "stein", None)
+    if stein is not None and "svgd_step_ratio" in metrics.keys():
+        stein.warn_if_not_invertible(metrics["svgd_step_ratio"])
 
 
 # ---------------------------------------------------------------------------
@@ -738,7 +809,8 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    torch.set_num_threads(num_threads(cfg))
+    threads = num_threads(cfg)
+    torch.set_num_threads(threads)
 
     specs = env_specs(cfg)
     agent = make_agent(cfg, specs)
@@ -777,23 +849,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         target_updater.counter = state["updates"] % (cfg.optim.target_update_interval + 1)  # its phase, on resume
     else:
         target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-
-    def update(batch: TensorDict) -> TensorDict:
-        """One gradient step on the sum of every ``loss_*``; returns the loss's scalars and the gradient norms."""
-        try:
-            loss_td = agent.loss(batch)
-        except NonFiniteError as error:
-            raise NonFiniteError(f"{error} (replay sample for update {state['updates'] + 1})") from None
-        sum(value for key, value in loss_td.items() if key.startswith("loss_")).backward()
-        for name, opt in agent.optimizers.items():  # before clipping: what the loss asked for
-            loss_td[f"grad_norm_{name}"] = grad_norm(opt)
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        target_updater.step()
-        return loss_td.detach()
+    update = make_update(cfg, agent, optimizer, target_updater)
 
     remaining = cfg.collector.total_frames - state["frames"]
     collector = (
@@ -846,16 +902,24 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
                 )
             if state["frames"] >= cfg.collector.learning_starts and len(replay_buffer) >= cfg.optim.batch_size:
                 num_updates = max(1, round(data.numel() * cfg.optim.utd_ratio))
+                # The collector closes its env before yielding the last batch, and TorchRL's batched env then
+                # raises torch's thread count: back to this run's (also what a compiled update was built for).
+                torch.set_num_threads(threads)
                 with timeit("update"):
                     outputs = []
                     for _ in range(num_updates):
                         if stop.requested:  # between updates: the batch is stored, the counters say how many ran
                             break
-                        outputs.append(update(replay_buffer.sample()))
+                        try:
+                            outputs.append(update(replay_buffer.sample()))
+                        except NonFiniteError as error:
+                            raise NonFiniteError(f"{error} (replay sample for update {state['updates'] + 1})") from None
                         state["updates"] += 1
                 if outputs:
                     collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
                     batch_metrics = torch.stack(outputs)
+                    if compile_settings(cfg).compile or compile_settings(cfg).cudagraphs:
+                        check_compiled_update(agent.loss, batch_metrics)
                     for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
                         if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
                             window.setdefault(f"train/{key}", []).append(value.float().mean().item())

@@ -1,7 +1,9 @@
 """The training scripts end to end on a real MuJoCo env, with offline W&B, checkpoints and resume."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +39,8 @@ SQL_TINY = ["network.sampler_cells=[32,32]", "sql.num_particles=4", "sql.num_val
 AMORTIZED = ["s2ac.amortized=true", "s2ac.train_selection=amortized"]
 
 
-def run(script, out, *overrides, timeout=300, check=True, cwd=None):
-    env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore")
+def run(script, out, *overrides, timeout=300, check=True, cwd=None, extra_env=None):
+    env = dict(os.environ, WANDB_MODE="offline", MUJOCO_GL="egl", PYTHONWARNINGS="ignore", **(extra_env or {}))
     env.pop("PYTHONPATH", None)  # the scripts must find their support code themselves
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / f"{script}.py"), f"hydra.run.dir={out}", *overrides],
@@ -98,6 +100,39 @@ def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     assert state["state"]["updates"] > 0
     assert buffer_length(state) == 200
     assert metrics(out)[-1]["frames"] == 200
+
+
+def test_compiled_update(tmp_path):
+    """compile.compile=true: the update runs through torch.compile (after one eager call) and the run ends as
+    usual; no graph break is in S2AC's code (backward and the optimiser step break in torch's own, as in
+    TorchRL's sac.py)."""
+    out = tmp_path / "compiled"
+    result = run(
+        "s2ac",
+        out,
+        *TINY,
+        *S2AC_TINY,
+        "collector.total_frames=60",
+        "optim.utd_ratio=0.1",  # 2 updates per batch: one eager, then compiled ones
+        "logger.backend=csv",
+        "compile.compile=true",
+        extra_env={"TORCH_LOGS": "dynamo,graph_breaks"},
+    )
+    assert "start tracing update" in result.stderr
+    assert not re.search(r"Graph break .*in user code at \S*torchrl_s2ac", result.stderr)
+    records = metrics(out)
+    assert records[-1]["final"] == 1 and records[-1]["frames"] == 60
+    losses = [record["train/loss_actor"] for record in records if "train/loss_actor" in record]
+    assert len(losses) == 2 and all(math.isfinite(value) for value in losses)
+
+
+def test_cudagraphs_refused_without_cuda(tmp_path):
+    result = run("s2ac", tmp_path / "bad", "network.device=cpu", "compile.cudagraphs=true", check=False, timeout=120)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == (
+        "Invalid configuration: compile.cudagraphs=true needs a CUDA network.device; the update runs on cpu."
+    )
 
 
 def test_interrupted_run_leaves_a_usable_checkpoint(tmp_path):

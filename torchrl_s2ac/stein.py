@@ -68,6 +68,14 @@ class SteinOutput(NamedTuple):
     capped_fraction: torch.Tensor
 
 
+def _recording_graph() -> bool:
+    """Whether this call is traced by :func:`torch.compile` or captured in a CUDA graph, where neither a host
+    synchronisation nor a data-dependent branch may run."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def score(log_density: LogDensity, particles: torch.Tensor, create_graph: bool) -> torch.Tensor:
     r""":math:`\nabla_u f(u)` for each particle, with ``f = log_density`` mapping ``[*batch, m, d] -> [*batch, m]``.
 
@@ -171,8 +179,9 @@ class SteinEntropy(nn.Module):
             when NaN or inf appears (default ``True``).
 
     Checks and warnings synchronise with the device once per call, after the last step, not per step. Under
-    :func:`torch.compile` both are left out of the graph (they would break it): a compiled caller checks the
-    outputs after the call (:meth:`warn_if_not_invertible` on the step ratios, ``isfinite`` on the results).
+    :func:`torch.compile` or CUDA-graph capture both are left out of the graph (they would break it): the caller
+    checks the outputs after the call (:meth:`warn_if_not_invertible` on the step ratios, ``isfinite`` on the
+    results).
 
     Examples:
         >>> stein = SteinEntropy(RBFKernel(), step_size=0.1, num_steps=3)
@@ -285,8 +294,10 @@ class SteinEntropy(nn.Module):
             log_q0 = log_q0.detach() if track_density else None
         log_q, ratios, capped, finite = log_q0, [], [], []
         checked_names = ("score", "particles", "log_density") if track_density else ("score", "particles")
-        # Compiled callers check their outputs afterwards; eager calls check every step's tensors, on the host once.
-        check_finite = self.check_finite and not torch.compiler.is_compiling()
+        # Compiled / captured callers check their outputs afterwards; eager calls check every step's tensors, on the
+        # host once.
+        in_graph = _recording_graph()
+        check_finite = self.check_finite and not in_graph
         for step in range(self.num_steps):
             grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
             if grad.shape != particles.shape:
@@ -323,15 +334,16 @@ class SteinEntropy(nn.Module):
             self._raise_if_not_finite(checked_names, finite)
         step_ratio = torch.stack(ratios) if ratios else particles.new_zeros(0)
         capped_fraction = torch.stack(capped) if capped else particles.new_zeros(0)
-        if not torch.compiler.is_compiling():
+        if not in_graph:
             self.warn_if_not_invertible(step_ratio, stacklevel=3)
         return SteinOutput(particles, log_q, step_ratio, capped_fraction)
 
     def warn_if_not_invertible(self, step_ratio: torch.Tensor, stacklevel: int = 2) -> None:
         """Warn when a step ratio (any shape) exceeds ``warn_ratio``: one host synchronisation.
 
-        :meth:`sample` calls it in eager mode. A data-dependent branch breaks a :func:`torch.compile` graph, so
-        compiled callers skip it inside the graph and call it on the step ratios they return, after the call.
+        :meth:`sample` calls it in eager mode. A data-dependent branch breaks a :func:`torch.compile` graph (and a
+        CUDA graph cannot synchronise), so there it is skipped, and the caller calls it on the step ratios it
+        returns, after the call.
         """
         if self.warn_ratio is not None and step_ratio.numel() and step_ratio.max() > self.warn_ratio:
             warnings.warn(
