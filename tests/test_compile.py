@@ -1,6 +1,11 @@
 """The S2AC update under torch.compile: one graph (no breaks), and the same losses and gradients as eager."""
 
+import importlib
+from pathlib import Path
+
+import pytest
 import torch
+from tensordict import TensorDict
 from torch._inductor import config as inductor_config
 from torchrl.data import Bounded
 
@@ -49,3 +54,20 @@ def test_compiled_loss_matches_eager():
         torch.testing.assert_close(compiled_out[key], value, rtol=1e-4, atol=1e-5, msg=key)
     for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_update_outputs_are_checked(monkeypatch):
+    """The checks a compiled update leaves out of its graph run on its stacked outputs in the scripts' harness."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "sota-implementations"))
+    harness = importlib.import_module("harness")
+    loss = hopper_loss(num_cells=(8,))
+
+    def outputs(loss_actor, step_ratio):
+        values = {"loss_actor": loss_actor, "loss_qvalue": [1.0, 1.0], "svgd_step_ratio": step_ratio}
+        return TensorDict({key: torch.tensor(value) for key, value in values.items()}, [2])
+
+    harness.check_compiled_update(loss, outputs([0.1, 0.2], [0.3, 0.5]))  # nothing to report
+    with pytest.raises(FloatingPointError, match="Non-finite loss_actor in a compiled update"):
+        harness.check_compiled_update(loss, outputs([0.1, float("nan")], [0.3, 0.5]))
+    with pytest.warns(UserWarning, match="invertibility condition violated"):
+        harness.check_compiled_update(loss, outputs([0.1, 0.2], [0.3, 1.5]))
