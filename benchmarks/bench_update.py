@@ -1,23 +1,30 @@
 """Speed of S2AC against TorchRL's SACLoss, at the authors' settings, on this machine.
 
-    python benchmarks/bench_update.py [--quick] [--out results/benchmarks.md]
+    python benchmarks/bench_update.py [--quick] [--device cpu|cuda] [--out results/benchmarks.md]
 
 Prints Markdown tables: the SVGD + Stein-entropy inner loop; the full update
 (critic + actor + target update) of S2AC and of SACLoss at the same batch,
-measured interleaved, and their ratio; acting rates; peak memory; how update
-time scales with m, L and batch. Every figure is the median over repetitions
-after warm-up.
+measured interleaved, and their ratio; where the S2AC update stands against the
+hardware (GFLOP per update from ``FlopCounterMode``, the fp32 and bf16 matmul
+rates at the update's shapes, the update time as a multiple of the fp32 matmul
+floor, graph breaks and compiled vs eager time) and where its time goes (profiler
+table); acting rates; how update time and the update's peak memory scale with m,
+L and batch. Every time is the median over repetitions after warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import resource
 import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
@@ -50,15 +57,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (kernels run asynchronously: a time without it measures the launch only)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Seconds of one call of ``fn``, its device work included."""
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timed(fn) for _ in range(repeats))
 
 
 def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
@@ -69,13 +85,11 @@ def interleaved_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn))
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
+def transitions(batch: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu") -> TensorDict:
     return TensorDict(
         {
             "observation": torch.randn(batch, obs_dim),
@@ -88,10 +102,11 @@ def transitions(batch: int, obs_dim: int, act_dim: int) -> TensorDict:
             },
         },
         [batch],
+        device=device,
     )
 
 
-def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile_acting=False, amortized=False):
+def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile_acting=False, amortized=False, device="cpu"):
     critic = SoftQCritic(obs_dim, act_dim)
     spec = Bounded(-1.0, 1.0, (act_dim,))
     actor = SVGDActor(
@@ -104,20 +119,20 @@ def s2ac_agent(obs_dim, act_dim, m=10, steps=3, compile_acting=False, amortized=
         compile_acting=compile_acting,
         amortized_sampler=AmortizedSampler(spec, obs_dim) if amortized else None,
         train_selection="amortized" if amortized else "random",
-    )
+    ).to(device)
     loss = S2ACLoss(actor)
     loss.make_value_estimator(gamma=0.99)
     return actor, loss
 
 
-def sql_agent(obs_dim, act_dim):
-    sampler = AmortizedSampler(Bounded(-1.0, 1.0, (act_dim,)), obs_dim)
-    loss = SQLLoss(sampler, SoftQCritic(obs_dim, act_dim, num_qvalue_nets=1))
+def sql_agent(obs_dim, act_dim, device="cpu"):
+    sampler = AmortizedSampler(Bounded(-1.0, 1.0, (act_dim,)), obs_dim).to(device)
+    loss = SQLLoss(sampler, SoftQCritic(obs_dim, act_dim, num_qvalue_nets=1, device=device))
     loss.make_value_estimator(gamma=0.99)
     return sampler, loss
 
 
-def sac_agent(obs_dim, act_dim):
+def sac_agent(obs_dim, act_dim, device="cpu"):
     actor = ProbabilisticActor(
         TensorDictModule(
             nn.Sequential(
@@ -135,9 +150,10 @@ def sac_agent(obs_dim, act_dim):
         MLP(in_features=obs_dim + act_dim, out_features=1, num_cells=[256, 256], activation_class=nn.ELU),
         in_keys=["observation", "action"],
     )
+    actor, critic = actor.to(device), critic.to(device)
     loss = SACLoss(actor, critic, num_qvalue_nets=2, fixed_alpha=True, alpha_init=0.2)
     loss.make_value_estimator(gamma=0.99)
-    return actor, loss
+    return actor, loss.to(device)
 
 
 def update_fn(loss, data):
@@ -154,8 +170,8 @@ def update_fn(loss, data):
     return update
 
 
-def act_fn(actor, obs_dim, num_envs):
-    td = TensorDict({"observation": torch.randn(num_envs, obs_dim)}, [num_envs])
+def act_fn(actor, obs_dim, num_envs, device="cpu"):
+    td = TensorDict({"observation": torch.randn(num_envs, obs_dim)}, [num_envs], device=device)
 
     def act():
         with torch.no_grad():
@@ -164,23 +180,141 @@ def act_fn(actor, obs_dim, num_envs):
     return act
 
 
+MATMUL_SHAPE = (1000, 256, 256)  # batch 100 x m 10 particles through a 256-wide hidden layer
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """Measured rate of ``[1000, 256] @ [256, 256]`` in ``dtype``: what this machine's matrix units give the
+    update's dominant products."""
+    rows, width, cols = MATMUL_SHAPE
+    a = torch.randn(rows, width, device=device, dtype=dtype)
+    b = torch.randn(width, cols, device=device, dtype=dtype)
+    calls = 50
+
+    def products():
+        for _ in range(calls):
+            a @ b
+
+    return 2 * rows * width * cols * calls / (median_ms(products, repeats) / 1000) / 1e9
+
+
+class FlopCount(TorchDispatchMode):
+    """Floating-point operations of the ops run under it, by :class:`~torch.utils.flop_counter.FlopCounterMode`'s
+    per-op formulas (matrix products and convolutions; elementwise work is not counted). ``FlopCounterMode``
+    itself also attributes the counts to modules through global module hooks, which fail on TorchRL's
+    parameter containers (``TensorDictParams`` refuses the comparison they make)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def update_gflop(update) -> float:
+    """GFLOP of one call of ``update`` (forward and backward)."""
+    with FlopCount() as counter:
+        update()
+    return counter.total / 1e9
+
+
+def loss_graph_breaks(loss, data: TensorDict) -> int:
+    """Graph breaks :func:`torch._dynamo.explain` finds in the loss and the sum of its ``loss_*`` entries."""
+
+    def forward(td):
+        out = loss(td)
+        return sum(value for key, value in out.items() if key.startswith("loss_"))
+
+    return torch._dynamo.explain(forward)(data).graph_break_count
+
+
+def profile_rows(update, device: torch.device, updates: int = 3, rows: int = 12) -> list[str]:
+    """Markdown rows of the ops taking the most self time in ``update`` (device time on a GPU)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(updates):
+            update()
+        synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in prof.key_averages() if getattr(event, key) > 0]
+    total = sum(getattr(event, key) for event in events)
+    events.sort(key=lambda event: getattr(event, key), reverse=True)
+    return [
+        f"| {event.key} | {getattr(event, key) / 1000 / updates:.2f} | {100 * getattr(event, key) / total:.1f}% "
+        f"| {event.count // updates} |"
+        for event in events[:rows]
+    ]
+
+
+def _resident_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark) of this process, from ``/proc/self/status``."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _first_update_growth_mb(obs_dim: int, act_dim: int, m: int, steps: int, batch: int) -> float:
+    """In a fresh process (nothing freed and kept by the allocator yet): how far one S2AC update raises the
+    resident memory's high-water mark, reset before it (Linux ``clear_refs``); Adam's state, created at the
+    first step, is included."""
+    torch.manual_seed(0)
+    update = update_fn(s2ac_agent(obs_dim, act_dim, m, steps)[1], transitions(batch, obs_dim, act_dim))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    before = _resident_mb("VmRSS")
+    update()
+    return _resident_mb("VmHWM") - before
+
+
+def update_peak_mb(obs_dim: int, act_dim: int, m: int, steps: int, batch: int, device: torch.device) -> float:
+    """Peak memory of one S2AC update beyond what the models and the batch hold: ``max_memory_allocated`` on a
+    GPU; on the CPU, where the allocator keeps no count, the resident high-water mark's growth in a fresh
+    process."""
+    if device.type != "cuda":
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_first_update_growth_mb, (obs_dim, act_dim, m, steps, batch))
+    update = update_fn(
+        s2ac_agent(obs_dim, act_dim, m, steps, device=device)[1], transitions(batch, obs_dim, act_dim, device)
+    )
+    update()  # Adam's state exists from here on
+    synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    update()
+    synchronize()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions, smaller scaling grid")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--out", default=None, help="also write the tables to this Markdown file")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible to torch.")
+    hardware = f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU: {cpu_model()}"
     repeats = 5 if args.quick else 21
     torch.manual_seed(0)
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}",
-        f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py`",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}",
+        f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py"
+        f"{' --device ' + args.device if device.type != 'cpu' else ''}`",
         "",
     ]
 
     # Inner loop: batch 100, m 10, L 3, d 6, energy = 2x256 ELU MLP.
-    energy = MLP(in_features=17 + 6, out_features=1, num_cells=[256, 256], activation_class=nn.ELU)
-    obs = torch.randn(100, 1, 17).expand(100, 10, 17)
-    loc = torch.zeros(100, 6, requires_grad=True)
+    energy = MLP(in_features=17 + 6, out_features=1, num_cells=[256, 256], activation_class=nn.ELU, device=device)
+    obs = torch.randn(100, 1, 17, device=device).expand(100, 10, 17)
+    loc = torch.zeros(100, 6, requires_grad=True, device=device)
     stein = SteinEntropy(RBFKernel(), 0.1, 3, warn_ratio=None)
 
     def log_density(u):
@@ -213,11 +347,11 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, (obs_dim, act_dim) in SHAPES.items():
-        data = transitions(100, obs_dim, act_dim)
+        data = transitions(100, obs_dim, act_dim, device)
         times = interleaved_ms(
             {
-                "s2ac": update_fn(s2ac_agent(obs_dim, act_dim)[1], data),
-                "sac": update_fn(sac_agent(obs_dim, act_dim)[1], data),
+                "s2ac": update_fn(s2ac_agent(obs_dim, act_dim, device=device)[1], data),
+                "sac": update_fn(sac_agent(obs_dim, act_dim, device=device)[1], data),
             },
             repeats,
         )
@@ -226,13 +360,50 @@ def main() -> None:
             f"{times['sac']:.1f} | {1000 / times['sac']:.0f} | {times['s2ac'] / times['sac']:.1f}x |"
         )
 
-    # The amortized sampler's training cost, and the SQL baseline, on the same data.
+    # Against the hardware: FLOPs, matmul rates, the fp32 floor, compiled vs eager, graph breaks, memory.
     obs_dim, act_dim = SHAPES["Hopper-v5"]
-    s2ac_actor, s2ac_loss = s2ac_agent(obs_dim, act_dim)
-    amortized_actor, amortized_loss = s2ac_agent(obs_dim, act_dim, amortized=True)
-    sql_sampler, sql_loss = sql_agent(obs_dim, act_dim)
-    sac_actor, sac_loss = sac_agent(obs_dim, act_dim)
-    data = transitions(100, obs_dim, act_dim)
+    data = transitions(100, obs_dim, act_dim, device)
+    eager_loss, compiled_loss = (s2ac_agent(obs_dim, act_dim, device=device)[1] for _ in range(2))
+    gflop = update_gflop(update_fn(s2ac_agent(obs_dim, act_dim, device=device)[1], data))
+    fp32, bf16 = (matmul_gflops(dtype, device, repeats) for dtype in (torch.float32, torch.bfloat16))
+    floor_ms = 1000 * gflop / fp32
+    breaks = loss_graph_breaks(eager_loss, data)
+    # torch.compile's first calls (the warm-up) compile; the loss is compiled as one graph, backward and the
+    # optimiser step as TorchRL's sota scripts compile them.
+    times = interleaved_ms(
+        {"eager": update_fn(eager_loss, data), "compiled": torch.compile(update_fn(compiled_loss, data))}, repeats
+    )
+    peak_mb = update_peak_mb(obs_dim, act_dim, 10, 3, 100, device)
+    rows, width, cols = MATMUL_SHAPE
+    lines += [
+        "",
+        "## The S2AC update against the hardware (Hopper-v5 shapes, batch 100, m = 10, L = 3)",
+        "",
+        "| quantity | value |",
+        "| --- | --- |",
+        f"| GFLOP per update (FlopCounterMode's formulas: matrix products, forward + backward) | {gflop:.2f} |",
+        f"| fp32 matmul [{rows}, {width}] @ [{width}, {cols}] | {fp32:.0f} GFLOP/s |",
+        f"| bf16 matmul, same shapes | {bf16:.0f} GFLOP/s ({bf16 / fp32:.1f}x fp32) |",
+        f"| fp32 floor (GFLOP / fp32 rate) | {floor_ms:.1f} ms |",
+        f"| eager update | {times['eager']:.1f} ms ({times['eager'] / floor_ms:.1f}x the floor) |",
+        f"| compiled update (torch.compile) | {times['compiled']:.1f} ms "
+        f"({times['compiled'] / floor_ms:.1f}x the floor) |",
+        f"| compiled / eager | {times['compiled'] / times['eager']:.2f} |",
+        f"| graph breaks in the S2AC loss (torch._dynamo.explain) | {breaks} |",
+        f"| peak memory of one update (beyond models and batch) | {peak_mb:.1f} MB |",
+        "",
+        "Where the eager update's time goes (torch.profiler, self time, top ops):",
+        "",
+        "| op | ms / update | share | calls / update |",
+        "| --- | --- | --- | --- |",
+        *profile_rows(update_fn(eager_loss, data), device),
+    ]
+
+    # The amortized sampler's training cost, and the SQL baseline, on the same data.
+    s2ac_actor, s2ac_loss = s2ac_agent(obs_dim, act_dim, device=device)
+    amortized_actor, amortized_loss = s2ac_agent(obs_dim, act_dim, amortized=True, device=device)
+    sql_sampler, sql_loss = sql_agent(obs_dim, act_dim, device=device)
+    sac_actor, sac_loss = sac_agent(obs_dim, act_dim, device=device)
     variants = {
         "S2AC": s2ac_loss,
         "S2AC + amortized sampler": amortized_loss,
@@ -250,7 +421,7 @@ def main() -> None:
     ]
 
     # Acting.
-    compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile_acting=True)
+    compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile_acting=True, device=device)
     lines += [
         "",
         "## Acting (Hopper-v5 shapes), actions per second",
@@ -268,7 +439,7 @@ def main() -> None:
         ("SAC", sac_actor, ExplorationType.RANDOM),
     ):
         with set_exploration_type(exploration):
-            rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n), repeats * 5) for n in (1, 8)]
+            rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n, device), repeats * 5) for n in (1, 8)]
         selection = {
             ExplorationType.RANDOM: "training (random particle / sample)",
             ExplorationType.DETERMINISTIC: "evaluation (argmax Q)",
@@ -283,23 +454,34 @@ def main() -> None:
         "",
         "## Scaling of the S2AC update (Hopper-v5 shapes), one factor varied",
         "",
-        "| factor | value | ms / update | relative to default |",
-        "| --- | --- | --- | --- |",
+        "| factor | value | ms / update | relative to default | peak memory of one update (MB) |",
+        "| --- | --- | --- | --- | --- |",
     ]
 
     def update_ms(m, steps, batch):
-        data = transitions(batch, obs_dim, act_dim)
-        return median_ms(update_fn(s2ac_agent(obs_dim, act_dim, m, steps)[1], data), max(3, repeats // 3))
+        update = update_fn(
+            s2ac_agent(obs_dim, act_dim, m, steps, device=device)[1], transitions(batch, obs_dim, act_dim, device)
+        )
+        return median_ms(update, max(3, repeats // 3))
 
     base = update_ms(10, 3, 100)
     for factor, values in grid.items():
         for value in values:
-            ms = update_ms(
-                value if factor == "m" else 10, value if factor == "L" else 3, value if factor == "batch" else 100
+            setting = (
+                value if factor == "m" else 10,
+                value if factor == "L" else 3,
+                value if factor == "batch" else 100,
             )
-            lines.append(f"| {factor} | {value} | {ms:.1f} | {ms / base:.2f}x |")
+            ms = update_ms(*setting)
+            peak = update_peak_mb(obs_dim, act_dim, *setting, device)
+            lines.append(f"| {factor} | {value} | {ms:.1f} | {ms / base:.2f}x | {peak:.1f} |")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines += ["", f"Peak resident memory of the whole benchmark process: {peak_mb:.0f} MB."]
+    lines += [
+        "",
+        "Peak memory of one update: `torch.cuda.max_memory_allocated` on a GPU; on the CPU, how far a fresh "
+        "process's first update raises its resident high-water mark (Adam's state included).",
+        f"Peak resident memory of the whole benchmark process: {peak_mb:.0f} MB.",
+    ]
     report = "\n".join(lines)
     print(report)
     if args.out:

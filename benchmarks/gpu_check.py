@@ -11,7 +11,9 @@ same weights:
    (``torch.cuda.set_sync_debug_mode``, with the once-per-call finite check and warning turned off);
 3. the S2AC loss outputs and every gradient match the CPU for the same batch (the initial particles are
    drawn on the CPU for both, so the two runs see the same randomness); then a few timed updates;
-4. acting through a TorchRL ``Collector`` with the policy on the device, and a weight sync.
+4. acting through a TorchRL ``Collector`` with the policy on the device, and a weight sync;
+5. the scripts' update (``harness.make_update``) compiled (``compile.compile``) and captured in a CUDA graph
+   (``compile.cudagraphs``) gives finite losses, with its time per update.
 
 It prints one line per check and the time per update on each device; it exits with status 1 if a check fails.
 """
@@ -20,15 +22,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from unittest import mock
 import time
 import warnings
+from pathlib import Path
+from unittest import mock
 
 import torch
+from omegaconf import OmegaConf
 from tensordict import TensorDict  # noqa: E402
 from torchrl.collectors import Collector  # noqa: E402
 from torchrl.data import Bounded  # noqa: E402
 from torchrl.envs import InitTracker, TransformedEnv  # noqa: E402
+from torchrl.objectives import SoftUpdate  # noqa: E402
 
 from torchrl_s2ac import S2ACLoss, SoftQCritic, SVGDActor, sample_truncated_normal  # noqa: E402
 from torchrl_s2ac.envs import MultiGoalEnv  # noqa: E402
@@ -168,6 +173,33 @@ def acting(device: torch.device) -> bool:
     return report("acting in a Collector on the device, with weight syncs", shapes == [(20, 2), (20, 2)], str(shapes))
 
 
+def scripts_update(device: torch.device, updates: int) -> bool:
+    """The update as ``compile.compile=true`` and ``compile.cudagraphs=true`` build it in the scripts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sota-implementations"))
+    import harness
+
+    ok = True
+    data = [batch(torch.Generator().manual_seed(4)).to(device) for _ in range(updates)]
+    for compiled, cudagraphs in ((True, False), (False, True), (True, True)):
+        optim = {"lr_actor": 1e-4, "lr_critic": 1e-4, "lr_alpha": 1e-4, "max_grad_norm": None}
+        cfg = OmegaConf.create(
+            {"optim": optim, "compile": {"compile": compiled, "compile_mode": None, "cudagraphs": cudagraphs}}
+        )
+        loss = build(device)
+        agent = harness.Agent(loss=loss, policy=loss.actor_network, optimizers=harness.make_optimizers(cfg, loss))
+        update = harness.make_update(cfg, agent, SoftUpdate(loss, eps=0.995))
+        outs = [update(d) for d in data[: updates // 2]]  # warm-up: compilation, graph capture
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        outs += [update(d) for d in data[updates // 2 :]]
+        torch.cuda.synchronize(device)
+        per_update = (time.perf_counter() - start) / max(1, updates - updates // 2)
+        finite = all(torch.isfinite(v).all() for out in outs for v in out.values())
+        name = f"scripts' update, compile={compiled}, cudagraphs={cudagraphs}"
+        ok = report(f"{name}: finite losses", finite, f"{1000 * per_update:.1f} ms per update") and ok
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0")
@@ -187,6 +219,7 @@ def main() -> int:
     finite = all(torch.isfinite(v).all() for out in gpu_outs for v in out.values())
     ok = report(f"{args.updates} updates on the device give finite losses", finite) and ok
     ok = acting(device) and ok
+    ok = scripts_update(device, args.updates) and ok
     print(f"time per update: cpu {1000 * cpu_time:.1f} ms, {device} {1000 * gpu_time:.1f} ms")
     return 0 if ok else 1
 
