@@ -94,6 +94,7 @@ class Agent:
     loss: LossModule
     policy: TensorDictModuleBase  # acts in the collector (exploration) and in evaluation (deterministic)
     optimizers: dict[str, torch.optim.Optimizer]  # by what they train ("critic", "actor", ...): names grad norms
+    compile_policy: bool = False  # the collector compiles the policy (TorchRL's Collector(compile_policy=...))
 
 
 # ---------------------------------------------------------------------------
@@ -457,9 +458,10 @@ def ray_init_config(cfg: DictConfig) -> dict:
     return {**DEFAULT_RAY_INIT_CONFIG, "address": cfg.collector.ray_address, "runtime_env": runtime_env}
 
 
-def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int):
+def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int, compile_policy: bool = False):
     """The collector of ``collector.backend``; the loop calls its ``update_policy_weights_()`` after each
-    round of updates, so that workers holding a copy of the policy act with the trained weights."""
+    round of updates, so that workers holding a copy of the policy act with the trained weights.
+    ``compile_policy``: the collector runs the policy through :func:`torch.compile`."""
     c = cfg.collector
     env_fn = functools.partial(make_env, cfg, cfg.env.num_envs)
     kwargs = dict(
@@ -468,6 +470,7 @@ def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frame
         init_random_frames=init_random_frames,
         device=collector_device(cfg),
         exploration_type=ExplorationType.RANDOM,
+        compile_policy=compile_policy,
     )
     if c.backend == "direct":
         collector = Collector(env_fn(), policy, **kwargs)
@@ -853,7 +856,13 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
 
     remaining = cfg.collector.total_frames - state["frames"]
     collector = (
-        make_collector(cfg, agent.policy, remaining, max(0, cfg.collector.init_random_frames - state["frames"]))
+        make_collector(
+            cfg,
+            agent.policy,
+            remaining,
+            max(0, cfg.collector.init_random_frames - state["frames"]),
+            compile_policy=agent.compile_policy,
+        )
         if remaining > 0
         else None
     )

@@ -88,6 +88,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         loss=loss,
         policy=actor,  # holds the critic and the temperature: weight syncs and checkpoints carry them
         optimizers=harness.make_optimizers(cfg, loss),
+        compile_policy=s.get("compile", False),  # the collector compiles the whole actor; evaluation: compile_acting
     )
 
 

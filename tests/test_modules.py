@@ -218,3 +218,28 @@ def test_compiled_acting_matches_eager():
     torch.testing.assert_close(compiled["pa"], eager["pa"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled["plp"], eager["plp"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled["action"], eager["action"], rtol=1e-4, atol=1e-5)
+
+
+def test_actor_compiled_by_the_collector():
+    """TorchRL's ``compile_policy`` compiles the whole actor (selection included) without a graph break."""
+    env = TransformedEnv(GymEnv("Pendulum-v1"), Compose(InitTracker(), DoubleToFloat(), StepCounter(20)))
+    critic = SoftQCritic(3, 1, num_cells=(32,))
+    actor = SVGDActor(
+        env.action_spec_unbatched,
+        critic,
+        num_particles=4,
+        num_steps=2,
+        num_cells=(32,),
+        max_step_ratio=0.5,
+        compile_acting=True,  # inside the collector's graph, the actor's own compilation steps aside
+    )
+    torch._dynamo.reset()
+    collector = Collector(
+        env, actor, frames_per_batch=20, total_frames=40, exploration_type=ExplorationType.RANDOM, compile_policy=True
+    )
+    batches = list(collector)
+    collector.shutdown()
+    assert [data["action"].shape for data in batches] == [(20, 1), (20, 1)]
+    assert all(torch.isfinite(data["action"]).all() and not data["action"].requires_grad for data in batches)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -103,9 +103,9 @@ def test_script_trains_logs_and_resumes(tmp_path, script, extra):
 
 
 def test_compiled_update(tmp_path):
-    """compile.compile=true: the update runs through torch.compile (after one eager call) and the run ends as
-    usual; no graph break is in S2AC's code (backward and the optimiser step break in torch's own, as in
-    TorchRL's sac.py)."""
+    """compile.compile=true: the update runs through torch.compile (after one eager call), s2ac.compile=true: the
+    collector compiles the policy; the run ends as usual, and no graph break is in S2AC's code (backward and the
+    optimiser step break in torch's own, as in TorchRL's sac.py)."""
     out = tmp_path / "compiled"
     result = run(
         "s2ac",
@@ -116,6 +116,7 @@ def test_compiled_update(tmp_path):
         "optim.utd_ratio=0.1",  # 2 updates per batch: one eager, then compiled ones
         "logger.backend=csv",
         "compile.compile=true",
+        "s2ac.compile=true",
         extra_env={"TORCH_LOGS": "dynamo,graph_breaks"},
     )
     assert "start tracing update" in result.stderr

@@ -115,7 +115,9 @@ class SVGDActor(TensorDictModuleBase):
         compile_acting (bool): run the acting path (calls made with gradients off: collectors,
             evaluation) through :func:`torch.compile`. Possible because the closed-form
             critic gradient needs no double backward; the loss path stays eager. The first
-            call compiles (seconds). Defaults to ``False``.
+            call compiles (seconds). Defaults to ``False``. The whole actor also compiles as one
+            graph, e.g. through a TorchRL collector's ``compile_policy`` (then the finite checks
+            and the invertibility warning are left out).
         particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
             their log-probabilities ``[*batch, m]`` (with ``return_log_prob``) are written too.
         amortized_sampler (AmortizedSampler, optional): the fast-inference network
@@ -256,7 +258,8 @@ class SVGDActor(TensorDictModuleBase):
         return self.temperature().detach()
 
     def _acting_sample(self, observation: torch.Tensor) -> ParticleSample:
-        if not self.compile_acting or torch.is_grad_enabled():
+        # A caller compiling the whole policy (a collector's compile_policy) traces the eager path into its graph.
+        if not self.compile_acting or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.sample_particles(observation, with_log_prob=self.return_log_prob)
         if self._compiled_sample is None:
             self._compiled_sample = torch.compile(self.sample_particles, dynamic=False)
