@@ -461,7 +461,8 @@ def ray_init_config(cfg: DictConfig) -> dict:
 def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int, compile_policy: bool = False):
     """The collector of ``collector.backend``; the loop calls its ``update_policy_weights_()`` after each
     round of updates, so that workers holding a copy of the policy act with the trained weights.
-    ``compile_policy``: the collector runs the policy through :func:`torch.compile`."""
+    ``compile_policy``: the collector runs the policy through :func:`torch.compile` (direct and process backends;
+    TorchRL's Ray collector takes no such argument)."""
     c = cfg.collector
     env_fn = functools.partial(make_env, cfg, cfg.env.num_envs)
     kwargs = dict(
@@ -470,8 +471,9 @@ def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frame
         init_random_frames=init_random_frames,
         device=collector_device(cfg),
         exploration_type=ExplorationType.RANDOM,
-        compile_policy=compile_policy,
     )
+    if c.backend != "ray":
+        kwargs["compile_policy"] = compile_policy
     if c.backend == "direct":
         collector = Collector(env_fn(), policy, **kwargs)
     else:
@@ -586,16 +588,18 @@ def make_update(
         return loss_td.detach()
 
     settings = compile_settings(cfg)
+    if not (settings.compile or settings.cudagraphs):
+        return update
     if settings.compile:
         mode = settings.compile_mode or ("default" if settings.cudagraphs else "reduce-overhead")
         update = compile_with_warmup(update, mode=mode, warmup=1)
-    if not settings.cudagraphs:
-        return update
-    graph = CudaGraphModule(update, in_keys=[], out_keys=[], warmup=5)
+    if settings.cudagraphs:
+        update = CudaGraphModule(update, in_keys=[], out_keys=[], warmup=5)
 
     def replay(batch: TensorDict) -> TensorDict:
+        # On CUDA, a graph's outputs (CudaGraphModule's, or reduce-overhead's) are overwritten by its next replay.
         torch.compiler.cudagraph_mark_step_begin()
-        return graph(batch).clone()  # the graph's outputs are overwritten by its next replay
+        return update(batch).clone()
 
     return replay
 

@@ -35,7 +35,9 @@ class SoftQCriticLoss(LossModule):
 
     Subclasses implement :meth:`next_state_value` and ``forward`` (which starts with :meth:`check_finite`).
     Every network call goes through the loss's parameters (``params.to_module(network)``), so a deep copy
-    of the loss trains its own copy.
+    of the loss trains its own copy. They are swapped in as they are (``preserve_module_state=False``, as
+    TorchRL's ``_vmap_func``): rebuilding ``nn.Parameter`` objects from detached or target tensors would
+    break a :func:`torch.compile` graph.
 
     Args:
         actor_network (nn.Module): the policy, kept as functional parameters ``actor_network_params``.
