@@ -33,7 +33,7 @@ from tensordict import TensorDict  # noqa: E402
 from torchrl.collectors import Collector  # noqa: E402
 from torchrl.data import Bounded  # noqa: E402
 from torchrl.envs import InitTracker, TransformedEnv  # noqa: E402
-from torchrl.objectives import SoftUpdate  # noqa: E402
+from torchrl.objectives import SoftUpdate, group_optimizers  # noqa: E402
 
 from torchrl_s2ac import S2ACLoss, SoftQCritic, SVGDActor, sample_truncated_normal  # noqa: E402
 from torchrl_s2ac.envs import MultiGoalEnv  # noqa: E402
@@ -187,7 +187,8 @@ def scripts_update(device: torch.device, updates: int) -> bool:
         )
         loss = build(device)
         agent = harness.Agent(loss=loss, policy=loss.actor_network, optimizers=harness.make_optimizers(cfg, loss))
-        update = harness.make_update(cfg, agent, SoftUpdate(loss, eps=0.995))
+        optimizer = group_optimizers(*agent.optimizers.values())
+        update = harness.make_update(cfg, agent, optimizer, SoftUpdate(loss, eps=0.995))
         outs = [update(d) for d in data[: updates // 2]]  # warm-up: compilation, graph capture
         torch.cuda.synchronize(device)
         start = time.perf_counter()

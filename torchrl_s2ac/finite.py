@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["NonFiniteError", "first_non_finite"]
+__all__ = ["NonFiniteError", "first_non_finite", "recording_graph"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -18,3 +18,11 @@ def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     if torch.stack([torch.isfinite(value).all() for value in tensors.values()]).all():
         return None
     return next(name for name, value in tensors.items() if not torch.isfinite(value).all())
+
+
+def recording_graph() -> bool:
+    """Whether this call is traced by :func:`torch.compile` or captured in a CUDA graph, where neither a host
+    synchronisation nor a data-dependent branch may run: checks are then left to the caller, on the outputs."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

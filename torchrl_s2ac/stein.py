@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from torchrl_s2ac.finite import recording_graph
 from torchrl_s2ac.kernels import KernelMatrix, RBFKernel
 
 __all__ = [
@@ -66,14 +67,6 @@ class SteinOutput(NamedTuple):
     log_prob: torch.Tensor
     step_ratio: torch.Tensor
     capped_fraction: torch.Tensor
-
-
-def _recording_graph() -> bool:
-    """Whether this call is traced by :func:`torch.compile` or captured in a CUDA graph, where neither a host
-    synchronisation nor a data-dependent branch may run."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def score(log_density: LogDensity, particles: torch.Tensor, create_graph: bool) -> torch.Tensor:
@@ -296,7 +289,7 @@ class SteinEntropy(nn.Module):
         checked_names = ("score", "particles", "log_density") if track_density else ("score", "particles")
         # Compiled / captured callers check their outputs afterwards; eager calls check every step's tensors, on the
         # host once.
-        in_graph = _recording_graph()
+        in_graph = recording_graph()
         check_finite = self.check_finite and not in_graph
         for step in range(self.num_steps):
             grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)

@@ -19,7 +19,7 @@ from torch import nn
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator, distance_loss
 
-from torchrl_s2ac.finite import NonFiniteError, first_non_finite
+from torchrl_s2ac.finite import NonFiniteError, first_non_finite, recording_graph
 from torchrl_s2ac.modules.critic import CriticEnsemble, SoftQCritic
 
 __all__ = ["SoftQCriticLoss"]
@@ -204,8 +204,12 @@ class SoftQCriticLoss(LossModule):
         """Raise :class:`~torchrl_s2ac.NonFiniteError` naming the first non-finite input (one reduction per batch).
 
         Called at the start of ``forward``, before any network sees the batch, so that a NaN
-        reward or observation stops training before it reaches a parameter.
+        reward or observation stops training before it reaches a parameter. Skipped in a compiled or
+        CUDA-graph loss (a data-dependent branch would break the graph); the scripts' harness checks such an
+        update's losses after the call instead.
         """
+        if recording_graph():
+            return
         keys = self.tensor_keys
         name = first_non_finite(
             {
