@@ -613,13 +613,13 @@ def compile_settings(cfg: DictConfig) -> DictConfig:
 def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
     """What a compiled or CUDA-graph update leaves out of its graph (host synchronisations, data-dependent
     branches), checked on its outputs, ``metrics`` (a batch of updates, stacked), at the cost of one
-    synchronisation: a non-finite loss stops the run, and S2AC's invertibility warning is raised from the logged
-    step ratios."""
+    synchronisation: a non-finite loss stops the run (:class:`~torchrl_s2ac.NonFiniteError`, one line), and S2AC's
+    invertibility warning is raised from the logged step ratios."""
     losses = {key: value for key, value in metrics.items() if key.startswith("loss_")}
     finite = torch.stack([torch.isfinite(value).all() for value in losses.values()])
     if not finite.all():
         names = [name for name, ok in zip(losses, finite.tolist()) if not ok]
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"Non-finite {', '.join(names)} in a compiled update, whose graph skips the SVGD sampler's per-step "
             "checks: rerun with compile.compile=false compile.cudagraphs=false to name the step that produced them."
         )
