@@ -149,7 +149,7 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
         [sys.executable, str(root / "sota-implementations" / "s2ac.py"), *overrides],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # a hang guard: ~200 s alone on 2 cores
         env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
