@@ -857,6 +857,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     else:
         target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
     update = make_update(cfg, agent, optimizer, target_updater)
+    compiled_update = compile_settings(cfg).compile or compile_settings(cfg).cudagraphs
 
     remaining = cfg.collector.total_frames - state["frames"]
     collector = (
@@ -931,11 +932,13 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
                 if outputs:
                     collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
                     batch_metrics = torch.stack(outputs)
-                    if compile_settings(cfg).compile or compile_settings(cfg).cudagraphs:
+                    if compiled_update:
                         check_compiled_update(agent.loss, batch_metrics)
-                    for key, value in batch_metrics.items():  # the mean over this batch's updates, one host sync
-                        if value.ndim == 1:  # scalars per update; per-sample outputs (e.g. td errors) are not metrics
-                            window.setdefault(f"train/{key}", []).append(value.float().mean().item())
+                    # the mean over this batch's updates of every scalar (per-sample outputs such as td errors
+                    # are not metrics), read from the device in one host sync
+                    scalars = {key: value.float().mean() for key, value in batch_metrics.items() if value.ndim == 1}
+                    for key, mean in zip(scalars, torch.stack(list(scalars.values())).tolist()):
+                        window.setdefault(f"train/{key}", []).append(mean)
             metrics = {}
             if state["frames"] >= state["next_eval"] and not stop.requested:
                 with timeit("eval"):
