@@ -10,6 +10,7 @@ logging and checkpoints come from the shared harness (harness.py).
 from __future__ import annotations
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 import harness
@@ -29,6 +30,7 @@ KINDS = {
     "s2ac.amortized": "bool",
     "s2ac.compile": "bool",
 }
+SCORE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -43,6 +45,8 @@ def validate(cfg: DictConfig) -> None:
     for name in ("kernel_sigma", "max_step_ratio", "fixed_init_std"):
         if s[name] is not None and not s[name] > 0:
             raise harness.ConfigError(f"s2ac.{name}={s[name]} must be > 0 (or null).")
+    if s.get("score_dtype") not in SCORE_DTYPES:
+        raise harness.ConfigError(f"s2ac.score_dtype={s.score_dtype!r} must be null, bfloat16 or float16.")
     if s.kernel_rule not in ("median", "mean"):
         raise harness.ConfigError(f"s2ac.kernel_rule={s.kernel_rule!r} must be median or mean.")
     if not s.step_size > 0:
@@ -77,6 +81,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         activation_class=harness.activation(cfg),
         fixed_init_std=s.fixed_init_std,
         max_step_ratio=s.max_step_ratio,
+        score_dtype=SCORE_DTYPES[s.get("score_dtype")],  # absent from configs saved before the option existed
         train_selection=s.train_selection,
         eval_selection=s.eval_selection,
         compile_acting=s.get("compile", False),  # absent from configs saved before the option existed

@@ -13,9 +13,11 @@ from helpers import transition_batch
 from torchrl_s2ac import NonFiniteError, S2ACLoss, SoftQCritic, SVGDActor
 
 
-def hopper_loss(**network) -> S2ACLoss:
+def hopper_loss(score_dtype=None, **network) -> S2ACLoss:
     """S2AC at Hopper-v5 shapes (11-d observations, 3-d actions), the MuJoCo defaults otherwise."""
-    actor = SVGDActor(Bounded(-1.0, 1.0, (3,)), SoftQCritic(11, 3, **network), max_step_ratio=0.5)
+    actor = SVGDActor(
+        Bounded(-1.0, 1.0, (3,)), SoftQCritic(11, 3, **network), max_step_ratio=0.5, score_dtype=score_dtype
+    )
     return S2ACLoss(actor).make_value_estimator(gamma=0.99)
 
 
@@ -29,8 +31,9 @@ def objective(loss: S2ACLoss):
     return forward
 
 
-def test_s2ac_update_has_no_graph_breaks():
-    explanation = torch._dynamo.explain(objective(hopper_loss()))(transition_batch(100, 11, 3))
+@pytest.mark.parametrize("score_dtype", [None, torch.bfloat16])
+def test_s2ac_update_has_no_graph_breaks(score_dtype):
+    explanation = torch._dynamo.explain(objective(hopper_loss(score_dtype)))(transition_batch(100, 11, 3))
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
 

@@ -515,6 +515,7 @@ def config(script: str, overrides: list[str]):
         ("s2ac", ["logger.log_every_frames=0"], "logger.log_every_frames=0 must be >= 1"),
         ("s2ac", ["checkpoint.every_frames=-5"], "checkpoint.every_frames=-5 must be >= 1"),
         ("s2ac", ["s2ac.kernel_sigma=-1"], "s2ac.kernel_sigma=-1 must be > 0"),
+        ("s2ac", ["s2ac.score_dtype=int8"], "s2ac.score_dtype='int8' must be null, bfloat16 or float16"),
         ("sql", ["sql.kernel_rule=max"], "sql.kernel_rule='max' must be median or mean"),
         ("s2ac", ["resume=/no/such/run"], "resume='/no/such/run': no checkpoint there"),
         ("sac", ["checkpoint.dir=a_file/checkpoints"], "a_file/checkpoints' is not writable: Not a directory"),

@@ -49,6 +49,23 @@ def test_critic_ensemble_and_closed_form_action_gradient(activation):
     torch.testing.assert_close(second, expected_second)
 
 
+def test_critic_output_layer_stays_in_full_precision_under_autocast():
+    """Under bf16 autocast the hidden layers run in bf16 but Q itself is computed in fp32: a Q offset by 100
+    keeps the differences between actions that a bf16 output (resolution 0.5 at 100) would round away."""
+    critic = SoftQCritic(4, 2, num_cells=(64, 64))
+    with torch.no_grad():
+        critic.biases[-1].add_(100.0)
+    observation, action = torch.randn(50, 4), torch.rand(50, 2) * 2 - 1
+    q, dq_da = critic.values_and_action_grad(observation, action)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_low, dq_da_low = critic.values_and_action_grad(observation, action)
+    assert q_low.dtype == torch.float32 and dq_da_low.dtype == torch.bfloat16
+    assert not torch.equal(q_low, q)  # the hidden layers did run in bf16
+    differences, differences_low = q - q.mean(), q_low - q_low.mean()
+    assert (differences_low - differences).abs().max() < 0.05 * differences.abs().mean()
+    torch.testing.assert_close(dq_da_low.float(), dq_da, rtol=0.05, atol=0.05 * dq_da.abs().mean().item())
+
+
 def test_critic_tensordict_interface():
     critic = SoftQCritic(3, 2)
     td = TensorDict({"observation": torch.randn(4, 3), "action": torch.randn(4, 2)}, [4])

@@ -249,6 +249,7 @@ def test_kernel_bandwidth_rules():
         (lambda: SteinEntropy(RBFKernel(), 0.0, 3), "step_size"),
         (lambda: SteinEntropy(RBFKernel(), -0.1, 3), "step_size"),
         (lambda: SteinEntropy(RBFKernel(), 0.1, -1), "num_steps"),
+        (lambda: SteinEntropy(RBFKernel(), 0.1, 3, score_dtype=torch.int8), "score_dtype"),
     ],
 )
 def test_bad_hyperparameters(make, match):
@@ -294,3 +295,32 @@ def test_knn_entropy_matches_closed_forms():
 def test_truncated_normal_sampler_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(sample_truncated_normal)(torch.zeros(4, 3), torch.ones(4, 3), 10)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_score_dtype_evaluates_only_the_score_in_low_precision():
+    """bf16 score path: the score's matrix product runs in bf16 (autocast), everything after it in fp32, and the
+    result stays within bf16's rounding of the fp32 one (Gaussian target with a full precision matrix)."""
+    generator = torch.Generator().manual_seed(0)
+    d = 4
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=generator))
+    precision = rotation @ torch.diag(torch.linspace(1.0, 6.0, d)) @ rotation.T
+    u0 = 0.5 * torch.randn(64, 10, d, generator=generator)
+    log_q0 = torch.distributions.Normal(0.0, 0.5).log_prob(u0).sum(-1)
+    seen = []
+
+    def score_fn(u):
+        s = -u @ precision
+        seen.append((u.dtype, s.dtype))
+        return s
+
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        seen.clear()
+        stein = SteinEntropy(RBFKernel(), 0.1, 3, max_step_ratio=0.5, score_dtype=dtype)
+        results[dtype] = stein.sample(None, u0, log_q0, score_fn=score_fn)
+        assert seen == [(torch.float32, torch.float32 if dtype is None else torch.bfloat16)] * 3
+        assert results[dtype].particles.dtype == results[dtype].log_prob.dtype == torch.float32
+    full, low = results[None], results[torch.bfloat16]
+    assert not torch.equal(low.particles, full.particles)  # the option does change the arithmetic
+    torch.testing.assert_close(low.particles, full.particles, rtol=0, atol=2e-3)
+    torch.testing.assert_close(low.log_prob, full.log_prob, rtol=0, atol=2e-2)

@@ -97,6 +97,10 @@ class SVGDActor(TensorDictModuleBase):
         max_step_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`.
         warn_ratio (float, optional): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``1.0``.
         check_finite (bool): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``True``.
+        score_dtype (torch.dtype, optional): evaluate the critic's score :math:`\nabla_a Q / \alpha`
+            inside SVGD in this precision (``torch.bfloat16``: AMX / AVX-512 BF16 CPUs, GPUs); the rest
+            of the sampler stays in full precision. See :class:`~torchrl_s2ac.SteinEntropy`.
+            Defaults to ``None`` (full precision).
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
             ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q),
             ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`) or
@@ -159,6 +163,7 @@ class SVGDActor(TensorDictModuleBase):
         max_step_ratio: float | None = None,
         warn_ratio: float | None = 1.0,
         check_finite: bool = True,
+        score_dtype: torch.dtype | None = None,
         train_selection: str = "random",
         eval_selection: str = "max",
         default_exploration: ExplorationType = ExplorationType.DETERMINISTIC,
@@ -216,6 +221,7 @@ class SVGDActor(TensorDictModuleBase):
             max_step_ratio=max_step_ratio,
             warn_ratio=warn_ratio,
             check_finite=check_finite,
+            score_dtype=score_dtype,
         )
         self.critic = critic
         self.temperature = Temperature(alpha)

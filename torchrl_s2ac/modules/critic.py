@@ -120,9 +120,13 @@ class SoftQCritic(TensorDictModuleBase):
         slopes = []
         last = len(self.weights) - 1
         for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            z = torch.baddbmm(bias, x, weight)
             if index == last:
-                return z, slopes, batch_shape
+                # The output layer always in the parameters' precision, also under torch.autocast: Q is large
+                # next to its differences between particles and members, which a 16-bit output rounds away
+                # (bf16 keeps 3 significant digits: 0.5 at Q = 100), flipping min_k Q_k's member.
+                with torch.autocast(x.device.type, enabled=False):
+                    return torch.baddbmm(bias, x.to(weight.dtype), weight), slopes, batch_shape
+            z = torch.baddbmm(bias, x, weight)
             x = self.activation(z)
             if keep_slopes:
                 slopes.append(derivative(self.activation, z, x))
