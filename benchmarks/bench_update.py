@@ -364,6 +364,8 @@ def main() -> None:
     obs_dim, act_dim = SHAPES["Hopper-v5"]
     data = transitions(100, obs_dim, act_dim, device)
     eager_loss, compiled_loss = (s2ac_agent(obs_dim, act_dim, device=device)[1] for _ in range(2))
+    mixed_actor, mixed_loss = s2ac_agent(obs_dim, act_dim, device=device)
+    mixed_actor.stein.score_dtype = torch.bfloat16  # the SVGD score path in bf16, the rest fp32
     gflop = update_gflop(update_fn(s2ac_agent(obs_dim, act_dim, device=device)[1], data))
     fp32, bf16 = (matmul_gflops(dtype, device, repeats) for dtype in (torch.float32, torch.bfloat16))
     floor_ms = 1000 * gflop / fp32
@@ -371,7 +373,12 @@ def main() -> None:
     # torch.compile's first calls (the warm-up) compile; the loss is compiled as one graph, backward and the
     # optimiser step as TorchRL's sota scripts compile them.
     times = interleaved_ms(
-        {"eager": update_fn(eager_loss, data), "compiled": torch.compile(update_fn(compiled_loss, data))}, repeats
+        {
+            "eager": update_fn(eager_loss, data),
+            "compiled": torch.compile(update_fn(compiled_loss, data)),
+            "compiled, bf16 score": torch.compile(update_fn(mixed_loss, data)),
+        },
+        repeats,
     )
     peak_mb = update_peak_mb(obs_dim, act_dim, 10, 3, 100, device)
     rows, width, cols = MATMUL_SHAPE
@@ -389,6 +396,8 @@ def main() -> None:
         f"| compiled update (torch.compile) | {times['compiled']:.1f} ms "
         f"({times['compiled'] / floor_ms:.1f}x the floor) |",
         f"| compiled / eager | {times['compiled'] / times['eager']:.2f} |",
+        f"| compiled update, SVGD score path in bf16 (`s2ac.score_dtype=bfloat16`) | "
+        f"{times['compiled, bf16 score']:.1f} ms ({times['compiled, bf16 score'] / floor_ms:.1f}x the fp32 floor) |",
         f"| graph breaks in the S2AC loss (torch._dynamo.explain) | {breaks} |",
         f"| peak memory of one update (beyond models and batch) | {peak_mb:.1f} MB |",
         "",
