@@ -153,10 +153,18 @@ def trained_critic(path: Path, states: int) -> list[str]:
             "log_q": out.log_prob,
             "length_scale": RBFKernel()(u).bandwidth.sqrt().flatten(-3),
             "q": q,
+            "action": out.action,
         }
 
     r = compare(sample)
     fp32, bf16 = r["entropy"]
+    # Which twin critic min_k Q_k picks, at the fp32 particles, with the score path's hidden layers in bf16.
+    with torch.no_grad():
+        action = r["ref"]["action"]
+        members = actor.critic.values_and_action_grad(observation.unsqueeze(-2), action)[0].argmin(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_members = actor.critic.values_and_action_grad(observation.unsqueeze(-2), action)[0].argmin(0)
+    flips = (members != low_members).float().mean().item()
     q_error = (r["low"]["q"] - r["ref"]["q"]).abs().mean().item()
     q_spread = r["ref"]["q"].std(-1).mean().item()
     return [
@@ -173,6 +181,7 @@ def trained_critic(path: Path, states: int) -> list[str]:
         f"{r['displacement_max']:.3f} |",
         f"| abs error of min_k Q_k at the final particles, mean | {q_error:.4f} |",
         f"| spread of Q over the particles (std, mean over states) | {q_spread:.4f} |",
+        f"| particles whose min_k Q_k member differs (bf16 hidden layers, fp32 output layer) | {flips:.1%} |",
         "",
     ]
 

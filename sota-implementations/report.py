@@ -69,6 +69,17 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(found)
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def script_defaults(algorithm: str):
+    """The script's current defaults (``common.yaml`` under ``<algorithm>.yaml``), for keys that a run's saved
+    config lacks because the option did not exist when it ran."""
+    own = CONFIG_DIR / f"{algorithm}.yaml"
+    layers = [OmegaConf.load(path) for path in (CONFIG_DIR / "common.yaml", own) if path.exists()]
+    return OmegaConf.merge(*layers) if layers else OmegaConf.create()
+
+
 def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
     algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
@@ -79,10 +90,12 @@ def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
         return None
     task = cfg.env.name + (f"-{cfg.env.layout}" if cfg.env.get("layout") else "")
     label = algorithm.upper()
+    defaults = script_defaults(algorithm)
     variant = [
-        f"{key}={OmegaConf.select(cfg, key)}"
+        f"{key}={OmegaConf.select(cfg, key, default=OmegaConf.select(defaults, key))}"
         for key in by
         if OmegaConf.select(cfg, key, default=KeyError) is not KeyError
+        or OmegaConf.select(defaults, key, default=KeyError) is not KeyError
     ]
     if variant:  # keys an algorithm does not have (e.g. s2ac.* for SAC) do not split its runs
         label += " " + ",".join(variant)

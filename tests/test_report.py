@@ -73,6 +73,16 @@ def test_by_splits_variants_and_ignores_keys_an_algorithm_lacks(tmp_path):
     assert labels == {"S2AC s2ac.max_step_ratio=0.5", "S2AC s2ac.max_step_ratio=None", "SAC"}
 
 
+def test_a_key_missing_from_an_older_run_takes_the_scripts_default(tmp_path):
+    """A run saved before an option existed is labelled with the option's default, so it groups with the runs
+    that set that default explicitly (and not with those that changed it)."""
+    fake_run(tmp_path / "old", "s2ac", 0, [1.0], 1.0, s2ac={"max_step_ratio": 0.5})
+    fake_run(tmp_path / "new", "s2ac", 1, [1.0], 1.0, s2ac={"max_step_ratio": 0.5, "score_dtype": None})
+    fake_run(tmp_path / "bf16", "s2ac", 2, [1.0], 1.0, s2ac={"max_step_ratio": 0.5, "score_dtype": "bfloat16"})
+    labels = [report.load_run(d, "eval/return", ["s2ac.score_dtype"]).label for d in report.find_runs([tmp_path])]
+    assert sorted(labels) == ["S2AC s2ac.score_dtype=None"] * 2 + ["S2AC s2ac.score_dtype=bfloat16"]
+
+
 def test_command_line_writes_markdown_and_curves(tmp_path):
     for algorithm in ("s2ac", "sac", "sql"):
         for seed in range(3):
