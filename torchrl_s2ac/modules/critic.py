@@ -157,17 +157,21 @@ class SoftQCritic(TensorDictModuleBase):
             )
         values, slopes, batch_shape = self._forward(observation, action, keep_slopes=True)
         last = len(self.weights) - 1
-        # Backward pass by hand: g <- (g @ W^T) * act'(z), from the unit output down to the input.
-        grad = values.new_ones(values.shape)  # [num_q, N, 1]
-        for index in range(last, -1, -1):
-            weight = self.weights[index]
-            if index == 0:
-                weight = weight[:, self.observation_dim :]  # only the action rows are needed
-            grad = grad @ weight.transpose(-1, -2)
-            if index > 0:
-                grad = grad * slopes[index - 1]
+        # Backward pass by hand: g <- (g * act'(z)) @ W^T, from the unit output down to the input. The output
+        # layer's gradient with respect to its input is W_last^T, one row shared by every input: broadcast.
+        grad = self._input_rows(last).transpose(-1, -2)  # [num_q, 1, fan_in]
+        for index in range(last - 1, -1, -1):
+            grad = grad.to(slopes[index].dtype) * slopes[index]
+            grad = grad @ self._input_rows(index).transpose(-1, -2)
         values = values.reshape(self.num_qvalue_nets, *batch_shape)
+        grad = grad.expand(self.num_qvalue_nets, values[0].numel(), self.action_dim)  # no hidden layer: broadcast
         return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
+
+    def _input_rows(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s weight, restricted to the action's rows for the first layer (the observation's
+        gradient is never needed)."""
+        weight = self.weights[index]
+        return weight[:, self.observation_dim :] if index == 0 else weight
 
     def min_values(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         r""":math:`\min_k Q_k(s, a)`, ``[*batch]``."""
