@@ -45,7 +45,7 @@ EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
 	hydra.launcher.n_jobs=$(JOBS)
 hopper: $(STAMP)
-	$(PY) sota-implementations/s2ac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/s2ac
+	$(PY) sota-implementations/s2ac.py -m $(HOPPER) compile.compile=true hydra.sweep.dir=results/hopper_100k/s2ac
 	$(PY) sota-implementations/sac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/sac
 	$(PY) sota-implementations/sql.py -m $(HOPPER) +experiment=sql_mujoco_haarnoja hydra.sweep.dir=results/hopper_100k/sql
 	$(PY) sota-implementations/report.py results/hopper_100k
@@ -88,7 +88,7 @@ multigoal: $(STAMP)
 TASKS := hopper,walker2d,halfcheetah,ant,humanoid
 CAMPAIGN := seed=$(SEEDS) collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS)
 campaign: $(STAMP)
-	$(PY) sota-implementations/s2ac.py -m env=$(TASKS) $(CAMPAIGN) hydra.sweep.dir=results/campaign/s2ac
+	$(PY) sota-implementations/s2ac.py -m env=$(TASKS) $(CAMPAIGN) compile.compile=true hydra.sweep.dir=results/campaign/s2ac
 	$(PY) sota-implementations/sac.py -m env=$(TASKS) $(CAMPAIGN) hydra.sweep.dir=results/campaign/sac
 	for task in hopper:0.0333 halfcheetah:0.0333 walker2d:0.1 ant:0.00333 humanoid:0.01; do \
 		$(PY) sota-implementations/sql.py -m env=$${task%%:*} sql.alpha=$${task##*:} +experiment=sql_mujoco_haarnoja \
