@@ -218,7 +218,7 @@ class FlopCount(TorchDispatchMode):
 
 
 def update_gflop(update) -> float:
-    """GFLOP of one call of ``update`` (forward and backward)."""
+    """GFLOP of one call of ``update`` (an update's forward and backward, or one batch of actions)."""
     with FlopCount() as counter:
         update()
     return counter.total / 1e9
@@ -435,8 +435,8 @@ def main() -> None:
         "",
         "## Acting (Hopper-v5 shapes), actions per second",
         "",
-        "| policy | selection | 1 env | 8 envs |",
-        "| --- | --- | --- | --- |",
+        "| policy | selection | 1 env | 8 envs | MFLOP per action (matrix products) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for label, actor, exploration in (
         ("S2AC", s2ac_actor, ExplorationType.RANDOM),
@@ -449,11 +449,12 @@ def main() -> None:
     ):
         with set_exploration_type(exploration):
             rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n, device), repeats * 5) for n in (1, 8)]
+            mflop = 1000 * update_gflop(act_fn(actor, obs_dim, 8, device)) / 8
         selection = {
             ExplorationType.RANDOM: "training (random particle / sample)",
             ExplorationType.DETERMINISTIC: "evaluation (argmax Q)",
         }[exploration]
-        lines.append(f"| {label} | {selection} | {rates[0]:.0f} | {rates[1]:.0f} |")
+        lines.append(f"| {label} | {selection} | {rates[0]:.0f} | {rates[1]:.0f} | {mflop:.2f} |")
 
     # Scaling, one factor at a time around (m, L, batch) = (10, 3, 100).
     grid = {"m": (5, 10, 20, 40), "L": (1, 3, 5, 10), "batch": (100, 256, 1024)}
