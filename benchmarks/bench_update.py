@@ -449,7 +449,10 @@ def main() -> None:
     ):
         with set_exploration_type(exploration):
             rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n, device), repeats * 5) for n in (1, 8)]
-            mflop = 1000 * update_gflop(act_fn(actor, obs_dim, 8, device)) / 8
+            # Counted eagerly (a dispatch mode stops dynamo from compiling, and fused kernels hide products);
+            # compiled acting does the same products.
+            counted = s2ac_actor if actor is compiled_actor else actor
+            mflop = 1000 * update_gflop(act_fn(counted, obs_dim, 8, device)) / 8
         selection = {
             ExplorationType.RANDOM: "training (random particle / sample)",
             ExplorationType.DETERMINISTIC: "evaluation (argmax Q)",

@@ -69,15 +69,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
-
-
-def script_defaults(algorithm: str):
-    """The script's current defaults (``common.yaml`` under ``<algorithm>.yaml``), for keys that a run's saved
-    config lacks because the option did not exist when it ran."""
-    own = CONFIG_DIR / f"{algorithm}.yaml"
-    layers = [OmegaConf.load(path) for path in (CONFIG_DIR / "common.yaml", own) if path.exists()]
-    return OmegaConf.merge(*layers) if layers else OmegaConf.create()
+# Options added after runs were recorded, with the value that reproduces what the scripts did before they existed:
+# a run whose saved config lacks one is labelled with it, and groups with the runs that set it explicitly.
+OPTIONS_ADDED = {"s2ac.score_dtype": None, "s2ac.compile": False, "s2ac.amortized": False}
 
 
 def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
@@ -90,13 +84,13 @@ def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
         return None
     task = cfg.env.name + (f"-{cfg.env.layout}" if cfg.env.get("layout") else "")
     label = algorithm.upper()
-    defaults = script_defaults(algorithm)
-    variant = [
-        f"{key}={OmegaConf.select(cfg, key, default=OmegaConf.select(defaults, key))}"
-        for key in by
-        if OmegaConf.select(cfg, key, default=KeyError) is not KeyError
-        or OmegaConf.select(defaults, key, default=KeyError) is not KeyError
-    ]
+    variant = []
+    for key in by:
+        value = OmegaConf.select(cfg, key, default=KeyError)
+        if value is KeyError and key in OPTIONS_ADDED and key.split(".")[0] in cfg:
+            value = OPTIONS_ADDED[key]
+        if value is not KeyError:
+            variant.append(f"{key}={value}")
     if variant:  # keys an algorithm does not have (e.g. s2ac.* for SAC) do not split its runs
         label += " " + ",".join(variant)
     frames = np.array(sorted(evals), dtype=float)

@@ -10,11 +10,11 @@ logging and checkpoints come from the shared harness (harness.py).
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 import harness
 from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor
+from torchrl_s2ac.stein import MIXED_PRECISION_DTYPES
 
 
 KINDS = {
@@ -30,7 +30,7 @@ KINDS = {
     "s2ac.amortized": "bool",
     "s2ac.compile": "bool",
 }
-SCORE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORE_DTYPES = {None if dtype is None else str(dtype).removeprefix("torch."): dtype for dtype in MIXED_PRECISION_DTYPES}
 
 
 def validate(cfg: DictConfig) -> None:

@@ -1,5 +1,7 @@
 """Any TensorDict critic: a generic critic ensembled by CriticEnsemble matches SoftQCritic; bad critics are named."""
 
+import copy
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -140,3 +142,27 @@ def test_bad_critics_are_named():
         SVGDActor(SPEC, module(["observation", "action"], ["state_action_value"]))
     with pytest.raises(ValueError, match="num_qvalue_nets=3 but the SoftQCritic holds 2"):
         SVGDActor(SPEC, SoftQCritic(OBS, ACT), num_qvalue_nets=3)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["SoftQCritic", "CriticEnsemble"])
+def test_bf16_score_path_stays_close_to_full_precision(generic):
+    """The S2AC loss with the SVGD score in bf16 (the closed-form SoftQCritic path, and the autograd path of a
+    generic critic whose forward runs under autocast) against fp32: the same draws, outputs within bf16 rounding,
+    and not bit-identical (the option is in effect)."""
+    torch.manual_seed(0)
+    critic = SoftQCritic(OBS, ACT, num_cells=CELLS, num_qvalue_nets=2)
+    critic = generic_copy_of(critic).float() if generic else critic
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    outputs = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)  # the same q0 network for both precisions
+        actor = SVGDActor(
+            spec, copy.deepcopy(critic), observation_dim=OBS, num_particles=8, num_cells=CELLS, score_dtype=dtype
+        )
+        loss = S2ACLoss(actor).make_value_estimator(gamma=0.99)
+        torch.manual_seed(2)
+        outputs[dtype] = loss(transition_batch(32, OBS, ACT)).detach()
+    full, low = outputs[None], outputs[torch.bfloat16]
+    assert not torch.equal(low["entropy"], full["entropy"])
+    for key in ("loss_actor", "loss_qvalue", "entropy", "q_mean"):
+        torch.testing.assert_close(low[key], full[key], rtol=0.02, atol=0.02, msg=key)

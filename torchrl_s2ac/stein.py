@@ -39,6 +39,7 @@ __all__ = [
     "stein_trace",
     "exact_log_det",
     "score",
+    "MIXED_PRECISION_DTYPES",
 ]
 
 MIXED_PRECISION_DTYPES = (None, torch.bfloat16, torch.float16)
@@ -176,7 +177,8 @@ class SteinEntropy(nn.Module):
             (``torch.bfloat16`` or ``torch.float16``): matrix products, and what follows them, run in
             it, as on CPUs with AMX or AVX-512 BF16 and on GPU tensor cores. The score is cast back to
             the particles' dtype, so the kernel, :math:`\phi`, the trace and :math:`\log q` stay in full
-            precision. ``None`` (default): the particles' dtype throughout.
+            precision. ``None`` (default): the particles' dtype throughout. Autocast leaves float64
+            tensors alone: with float64 particles and energy the option changes nothing.
 
     Checks and warnings synchronise with the device once per call, after the last step, not per step. Under
     :func:`torch.compile` or CUDA-graph capture both are left out of the graph (they would break it): the caller
@@ -274,10 +276,23 @@ class SteinEntropy(nn.Module):
     def _score(
         self, log_density: LogDensity | None, score_fn: ScoreFn | None, particles: torch.Tensor, create_graph: bool
     ) -> torch.Tensor:
-        """The score at ``particles``, evaluated in ``score_dtype`` when set and returned in the particles' dtype."""
-        with torch.autocast(particles.device.type, dtype=self.score_dtype, enabled=self.score_dtype is not None):
-            grad = score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
-        return grad.to(particles.dtype)
+        """The score at ``particles``, evaluated in ``score_dtype`` when set and returned in the particles' dtype.
+
+        A ``score_fn`` runs whole under autocast (it is a forward computation); with a ``log_density`` only its
+        forward pass does, and autograd takes the gradient outside autocast, as PyTorch recommends.
+        """
+        if self.score_dtype is None:
+            return score(log_density, particles, create_graph) if score_fn is None else score_fn(particles)
+        low_precision = torch.autocast(particles.device.type, dtype=self.score_dtype)
+        if score_fn is not None:
+            with low_precision:
+                return score_fn(particles).to(particles.dtype)
+
+        def low_precision_log_density(u: torch.Tensor) -> torch.Tensor:
+            with low_precision:
+                return log_density(u).to(u.dtype)
+
+        return score(low_precision_log_density, particles, create_graph)
 
     def sample(
         self,

@@ -99,8 +99,11 @@ class SVGDActor(TensorDictModuleBase):
         check_finite (bool): see :class:`~torchrl_s2ac.SteinEntropy`. Defaults to ``True``.
         score_dtype (torch.dtype, optional): evaluate the critic's score :math:`\nabla_a Q / \alpha`
             inside SVGD in this precision (``torch.bfloat16``: AMX / AVX-512 BF16 CPUs, GPUs); the rest
-            of the sampler stays in full precision. See :class:`~torchrl_s2ac.SteinEntropy`.
-            Defaults to ``None`` (full precision).
+            of the sampler stays in full precision. See :class:`~torchrl_s2ac.SteinEntropy`. A
+            :class:`~torchrl_s2ac.SoftQCritic` keeps its output layer (Q itself) in full precision; a generic
+            critic (:class:`~torchrl_s2ac.CriticEnsemble`) runs its whole forward pass in this precision, so
+            :math:`\min_k Q_k` may pick another member where the twins are close. Defaults to ``None`` (full
+            precision).
         train_selection (str): particle chosen under ``ExplorationType.RANDOM``:
             ``"random"`` (a uniformly random particle), ``"max"`` (argmax Q),
             ``"softmax"`` (sampled with probabilities :math:`\propto e^{Q/\alpha}`) or

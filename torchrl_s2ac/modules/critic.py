@@ -120,13 +120,15 @@ class SoftQCritic(TensorDictModuleBase):
         slopes = []
         last = len(self.weights) - 1
         for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            if index == last:
+            if index == last and torch.is_autocast_enabled(x.device.type):
                 # The output layer always in the parameters' precision, also under torch.autocast: Q is large
                 # next to its differences between particles and members, which a 16-bit output rounds away
                 # (bf16 keeps 3 significant digits: 0.5 at Q = 100), flipping min_k Q_k's member.
                 with torch.autocast(x.device.type, enabled=False):
                     return torch.baddbmm(bias, x.to(weight.dtype), weight), slopes, batch_shape
             z = torch.baddbmm(bias, x, weight)
+            if index == last:
+                return z, slopes, batch_shape
             x = self.activation(z)
             if keep_slopes:
                 slopes.append(derivative(self.activation, z, x))
@@ -164,7 +166,7 @@ class SoftQCritic(TensorDictModuleBase):
             grad = grad.to(slopes[index].dtype) * slopes[index]
             grad = grad @ self._input_rows(index).transpose(-1, -2)
         values = values.reshape(self.num_qvalue_nets, *batch_shape)
-        grad = grad.expand(self.num_qvalue_nets, values[0].numel(), self.action_dim)  # no hidden layer: broadcast
+        grad = grad.expand(self.num_qvalue_nets, batch_shape.numel(), self.action_dim)  # no hidden layer: broadcast
         return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
 
     def _input_rows(self, index: int) -> torch.Tensor:
