@@ -52,11 +52,14 @@ hopper: $(STAMP)
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting changed
 # at a time. The arms run with the SVGD score in bf16 (s2ac.score_dtype=bfloat16, 1.2x faster); the default runs in
-# both precisions, which is also the bf16-vs-fp32 learning comparison.
-ABLATION_KEYS := s2ac.score_dtype s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixed_alpha s2ac.fixed_init_std
+# both precisions, which is also the bf16-vs-fp32 learning comparison. q0_floor is the remedy for q0's sigma reaching
+# its 0.1 floor in some states (seen in the default runs' train/init_scale_min).
+ABLATION_KEYS := s2ac.score_dtype s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixed_alpha s2ac.fixed_init_std \
+	s2ac.init_std_min
 ABLATIONS := default: default_bf16:s2ac.score_dtype=bfloat16 \
 	no_cap:s2ac.score_dtype=bfloat16,s2ac.max_step_ratio=null mean_rule:s2ac.score_dtype=bfloat16,s2ac.kernel_rule=mean \
-	learned_alpha:s2ac.score_dtype=bfloat16,s2ac.fixed_alpha=false fixed_q0:s2ac.score_dtype=bfloat16,s2ac.fixed_init_std=0.5
+	learned_alpha:s2ac.score_dtype=bfloat16,s2ac.fixed_alpha=false fixed_q0:s2ac.score_dtype=bfloat16,s2ac.fixed_init_std=0.5 \
+	q0_floor:s2ac.score_dtype=bfloat16,s2ac.init_std_min=0.3
 ablations: $(STAMP)
 	for arm in $(ABLATIONS); do \
 		$(PY) sota-implementations/s2ac.py -m env=hopper seed=0,1,2 collector.total_frames=30000 $(EVAL) \
@@ -64,7 +67,7 @@ ablations: $(STAMP)
 			hydra.sweep.dir=results/hopper_ablations/$${arm%%:*} $$(echo $${arm#*:} | tr , ' ') || exit 1; \
 	done
 	$(PY) sota-implementations/report.py results/hopper_ablations --by $(ABLATION_KEYS) --out results/hopper_ablations/report \
-		--reference "S2AC s2ac.score_dtype=bfloat16,s2ac.max_step_ratio=0.5,s2ac.kernel_rule=median,s2ac.fixed_alpha=True,s2ac.fixed_init_std=None" \
+		--reference "S2AC s2ac.score_dtype=bfloat16,s2ac.max_step_ratio=0.5,s2ac.kernel_rule=median,s2ac.fixed_alpha=True,s2ac.fixed_init_std=None,s2ac.init_std_min=0.1" \
 		--diagnostics train/init_scale_mean train/entropy train/svgd_capped_fraction train/q_spread
 
 # Both multi-goal layouts, 5 seeds: S2AC (fixed and learned q0), SAC, SQL in the same harness; then the reports

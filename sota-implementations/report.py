@@ -71,7 +71,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 # Options added after runs were recorded, with the value that reproduces what the scripts did before they existed:
 # a run whose saved config lacks one is labelled with it, and groups with the runs that set it explicitly.
-OPTIONS_ADDED = {"s2ac.score_dtype": None, "s2ac.compile": False, "s2ac.amortized": False}
+OPTIONS_ADDED = {"s2ac.score_dtype": None, "s2ac.compile": False, "s2ac.amortized": False, "s2ac.init_std_min": 0.1}
 
 
 def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:

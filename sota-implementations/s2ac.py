@@ -25,6 +25,7 @@ KINDS = {
     "s2ac.kernel_sigma": "number?",
     "s2ac.max_step_ratio": "number?",
     "s2ac.fixed_init_std": "number?",
+    "s2ac.init_std_min": "number",
     "s2ac.alpha": "number",
     "s2ac.fixed_alpha": "bool",
     "s2ac.amortized": "bool",
@@ -45,6 +46,8 @@ def validate(cfg: DictConfig) -> None:
     for name in ("kernel_sigma", "max_step_ratio", "fixed_init_std"):
         if s[name] is not None and not s[name] > 0:
             raise harness.ConfigError(f"s2ac.{name}={s[name]} must be > 0 (or null).")
+    if not 0 < s.init_std_min < 1:
+        raise harness.ConfigError(f"s2ac.init_std_min={s.init_std_min} must be in (0, 1) (q0's sigma is at most 1).")
     if s.get("score_dtype") not in SCORE_DTYPES:
         raise harness.ConfigError(f"s2ac.score_dtype={s.score_dtype!r} must be null, bfloat16 or float16.")
     if s.kernel_rule not in ("median", "mean"):
@@ -80,6 +83,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         num_cells=net.init_cells,
         activation_class=harness.activation(cfg),
         fixed_init_std=s.fixed_init_std,
+        std_bounds=(s.get("init_std_min", 0.1), 1.0),  # absent from configs saved before the option existed
         max_step_ratio=s.max_step_ratio,
         score_dtype=SCORE_DTYPES[s.get("score_dtype")],  # absent from configs saved before the option existed
         train_selection=s.train_selection,

@@ -516,6 +516,7 @@ def config(script: str, overrides: list[str]):
         ("s2ac", ["checkpoint.every_frames=-5"], "checkpoint.every_frames=-5 must be >= 1"),
         ("s2ac", ["s2ac.kernel_sigma=-1"], "s2ac.kernel_sigma=-1 must be > 0"),
         ("s2ac", ["s2ac.score_dtype=int8"], "s2ac.score_dtype='int8' must be null, bfloat16 or float16"),
+        ("s2ac", ["s2ac.init_std_min=1.5"], "s2ac.init_std_min=1.5 must be in (0, 1)"),
         ("sql", ["sql.kernel_rule=max"], "sql.kernel_rule='max' must be median or mean"),
         ("s2ac", ["resume=/no/such/run"], "resume='/no/such/run': no checkpoint there"),
         ("sac", ["checkpoint.dir=a_file/checkpoints"], "a_file/checkpoints' is not writable: Not a directory"),
@@ -541,3 +542,18 @@ def test_video_with_csv_needs_torchcodec(tmp_path, monkeypatch):
 def test_a_bad_type_ends_the_script_in_one_line(tmp_path):
     line = last_line(launch("s2ac", tmp_path / "run", "optim.batch_size=32.0"))
     assert line == "Invalid configuration: optim.batch_size=32.0 must be an integer."
+
+
+def test_q0_and_precision_options_reach_the_actor():
+    """``s2ac.init_std_min`` floors q0's sigma and ``s2ac.score_dtype`` reaches the sampler, as configured."""
+    import s2ac
+
+    cfg = config("s2ac", ["env=multigoal", "s2ac.init_std_min=0.3", "s2ac.score_dtype=bfloat16"])
+    actor = s2ac.make_agent(cfg, harness.env_specs(cfg)).policy
+    assert actor.std_bounds == (0.3, 1.0) and actor.stein.score_dtype == torch.bfloat16
+    with torch.no_grad():
+        for layer in actor.init_network.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.bias.fill_(-10.0)  # a log-std far below the floor
+        _, scale = actor.init_distribution(torch.randn(5, actor.observation_dim))
+    assert torch.all(scale == 0.3)
