@@ -1,6 +1,6 @@
 """Speed of S2AC against TorchRL's SACLoss, at the authors' settings, on this machine.
 
-    python benchmarks/bench_update.py [--quick] [--device cpu|cuda] [--out results/benchmarks.md]
+    python benchmarks/bench_update.py [--quick] [--device cpu|cuda] [--threads N] [--out results/benchmarks.md]
 
 Prints Markdown tables: the SVGD + Stein-entropy inner loop; the full update
 (critic + actor + target update) of S2AC and of SACLoss at the same batch,
@@ -297,7 +297,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions, smaller scaling grid")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--out", default=None, help="also write the tables to this Markdown file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible to torch.")
@@ -307,7 +310,8 @@ def main() -> None:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}",
         f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py"
-        f"{' --device ' + args.device if device.type != 'cpu' else ''}`",
+        f"{' --device ' + args.device if device.type != 'cpu' else ''}"
+        f"{f' --threads {args.threads}' if args.threads is not None else ''}`",
         "",
     ]
 

@@ -1,6 +1,6 @@
 """Mixed precision in S2AC's SVGD score path: what bf16 saves in time and what it costs in accuracy.
 
-    python benchmarks/mixed_precision.py [--checkpoint RUN_OR_CKPT_DIR] [--out results/mixed_precision.md]
+    python benchmarks/mixed_precision.py [--checkpoint RUN_OR_CKPT_DIR] [--threads N] [--out results/mixed_precision.md]
 
 ``score_dtype=torch.bfloat16`` evaluates the score (the critic's closed-form input gradient
 :math:`\\nabla_a Q / \\alpha`) under ``torch.autocast``; the kernel, the SVGD direction, the Stein trace and
@@ -192,9 +192,13 @@ def main() -> None:
     parser.add_argument("--states", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this Markdown file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     command = "python benchmarks/mixed_precision.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+    command += f" --threads {args.threads}" if args.threads is not None else ""
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {bench_update.cpu_model()}",
         f"command: `{command}`",
