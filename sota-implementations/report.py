@@ -3,6 +3,7 @@
     python sota-implementations/report.py results/hopper_100k --out results/hopper_100k/report
     python sota-implementations/report.py multirun/s2ac/Hopper-v5/2026-* --by s2ac.max_step_ratio --out ablation
     python sota-implementations/report.py results/multigoal_sql_haarnoja --metric eval/goals_reached
+    python sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000
 
 A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
 on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus
@@ -16,7 +17,10 @@ Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootst
 intervals, and the probability of improvement of each reference label over every other label
 (Agarwal et al. 2021, via ``rliable``). A verdict is "better" when the whole 95% interval of the
 probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise.
-Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task, and with
+Runs of a task with different budgets (``collector.total_frames``) are reported as separate tasks;
+``--at-frames N`` instead scores every run planned for at least N frames at N: its evaluation at exactly
+N frames (runs are evaluated every ``logger.eval_every_frames``), so that longer runs serve as baselines
+at a shorter budget. Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task, and with
 ``--diagnostics KEY ...`` a ``diagnostics_<task>.png`` of those training metrics (e.g. S2AC's
 ``train/init_scale_min``, ``train/svgd_step_ratio``, ``train/entropy``) for every run.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -108,6 +113,37 @@ def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
     )
 
 
+def at_budget(run: Run, frames: int) -> Run | None:
+    """``run`` as if trained for ``frames`` frames: its curve up to there, and as its final score the evaluation
+    at exactly that frame count (the end-of-training one for a run of that length; a periodic one for a longer
+    run, whose first ``frames`` frames are the same training). ``None`` for a run planned shorter."""
+    if run.total_frames < frames:
+        return None
+    keep = run.frames <= frames
+    if run.total_frames == frames:
+        final = run.final
+    else:
+        final = float(run.scores[run.frames == frames][0]) if (run.frames == frames).any() else None
+    return dataclasses.replace(run, frames=run.frames[keep], scores=run.scores[keep], final=final, total_frames=frames)
+
+
+def split_budgets(runs: list[Run]) -> list[Run]:
+    """Runs of one task with different ``collector.total_frames`` are reported as separate tasks (one per
+    budget): a final score is only compared with final scores at the same budget (or use ``--at-frames``)."""
+    budgets = defaultdict(set)
+    for run in runs:
+        budgets[run.task].add(run.total_frames)
+    return [
+        dataclasses.replace(run, task=f"{run.task}, {run.total_frames:,} frames") if len(budgets[run.task]) > 1 else run
+        for run in runs
+    ]
+
+
+def slug(task: str) -> str:
+    """``task`` as a file-name part (``Hopper-v5, 30,000 frames`` -> ``Hopper-v5_30000_frames``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_-]", "_", task.replace(",", ""))).strip("_")
+
+
 def interval(scores: dict[str, np.ndarray], function, reps: int) -> tuple[dict, dict]:
     """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``."""
     return rly.get_interval_estimates(scores, function, reps=reps, confidence_interval_size=0.95)
@@ -179,7 +215,7 @@ def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out / f"curves_{task}.png"
+    path = out / f"curves_{slug(task)}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -209,7 +245,7 @@ def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{task}: training diagnostics")
     fig.tight_layout()
-    path = out / f"diagnostics_{task}.png"
+    path = out / f"diagnostics_{slug(task)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -273,11 +309,23 @@ def main() -> None:
     parser.add_argument(
         "--diagnostics", nargs="*", default=[], help="training metrics to plot per run, e.g. train/init_scale_min"
     )
+    parser.add_argument(
+        "--at-frames",
+        type=int,
+        default=None,
+        help="compare every run at this budget: its evaluation at exactly this frame count (longer runs included)",
+    )
     args = parser.parse_args()
     runs = [run for run in (load_run(d, args.metric, args.by) for d in find_runs(args.paths)) if run is not None]
+    if args.at_frames is not None:
+        if args.at_frames < 1:
+            raise SystemExit(f"--at-frames={args.at_frames} must be >= 1.")
+        runs = [run for run in (at_budget(r, args.at_frames) for r in runs) if run is not None]
+    runs = split_budgets(runs)
     if not runs:
         raise SystemExit(
-            f"No runs with metrics.jsonl, .hydra/ and '{args.metric}' under {[str(p) for p in args.paths]}."
+            f"No runs with metrics.jsonl, .hydra/ and '{args.metric}' under {[str(p) for p in args.paths]}"
+            + (f" planned for at least {args.at_frames} frames." if args.at_frames is not None else ".")
         )
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)

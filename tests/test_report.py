@@ -83,6 +83,24 @@ def test_a_key_missing_from_an_older_run_takes_the_scripts_default(tmp_path):
     assert sorted(labels) == ["S2AC s2ac.score_dtype=None"] * 2 + ["S2AC s2ac.score_dtype=bfloat16"]
 
 
+def test_budgets_are_never_mixed_and_at_frames_scores_longer_runs_at_the_shorter_budget(tmp_path):
+    fake_run(tmp_path / "short", "s2ac", 0, [1.0, 2.0, 3.0], 3.5)  # 3k frames, evaluated every 1k
+    fake_run(tmp_path / "long", "sac", 0, [10.0, 20.0, 30.0, 40.0, 50.0], 55.0)  # 5k frames
+    fake_run(tmp_path / "tiny", "sql", 0, [7.0, 8.0], 8.5)  # 2k frames: shorter than the budget below
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path])]
+    split = report.split_budgets(runs)
+    assert {r.task for r in split} == {f"Hopper-v5, {n:,} frames" for n in (2000, 3000, 5000)}
+    assert report.slug("Hopper-v5, 30,000 frames") == "Hopper-v5_30000_frames"
+    at = [r for r in (report.at_budget(r, 3000) for r in runs) if r is not None]
+    assert sorted(r.algorithm for r in at) == ["s2ac", "sac"]  # the 2k-frame run cannot be scored at 3k
+    by_algorithm = {r.algorithm: r for r in report.split_budgets(at)}
+    assert by_algorithm["s2ac"].final == 3.5  # its own end-of-training evaluation
+    assert by_algorithm["sac"].final == 30.0  # the periodic evaluation at 3k frames, not its final 55
+    assert list(by_algorithm["sac"].frames) == [1000, 2000, 3000] and by_algorithm["sac"].task == "Hopper-v5"
+    sac = next(r for r in runs if r.algorithm == "sac")
+    assert report.at_budget(sac, 2500).final is None  # no evaluation at exactly 2.5k frames: not scored
+
+
 def test_command_line_writes_markdown_and_curves(tmp_path):
     for algorithm in ("s2ac", "sac", "sql"):
         for seed in range(3):
