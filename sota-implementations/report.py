@@ -20,7 +20,8 @@ probability of improvement lies above 0.5, "worse" when it lies below, "not dist
 Runs of a task with different budgets (``collector.total_frames``) are reported as separate tasks;
 ``--at-frames N`` instead scores every run planned for at least N frames at N: its evaluation at exactly
 N frames (runs are evaluated every ``logger.eval_every_frames``), so that longer runs serve as baselines
-at a shorter budget. Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task, and with
+at a shorter budget. Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band)
+per task, and with
 ``--diagnostics KEY ...`` a ``diagnostics_<task>.png`` of those training metrics (e.g. S2AC's
 ``train/init_scale_min``, ``train/svgd_step_ratio``, ``train/entropy``) for every run.
 """
