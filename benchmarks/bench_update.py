@@ -314,6 +314,7 @@ def main() -> None:
     lines = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}",
         f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py"
+        f"{' --quick' if args.quick else ''}"
         f"{' --device ' + args.device if device.type != 'cpu' else ''}"
         f"{f' --threads {args.threads}' if args.threads is not None else ''}`",
         "",
