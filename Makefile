@@ -67,9 +67,9 @@ ablations: $(STAMP)
 			replay_buffer.size=30000 compile.compile=true hydra.launcher.n_jobs=$(JOBS) \
 			hydra.sweep.dir=results/hopper_ablations/$${arm%%:*} $$(echo $${arm#*:} | tr , ' ') || exit 1; \
 	done
-	$(PY) sota-implementations/report.py results/hopper_ablations --by $(ABLATION_KEYS) --out results/hopper_ablations/report \
-		--reference "S2AC s2ac.score_dtype=bfloat16,s2ac.max_step_ratio=0.5,s2ac.kernel_rule=median,s2ac.fixed_alpha=True,s2ac.fixed_init_std=None,s2ac.init_std_min=0.1" \
-		--diagnostics train/init_scale_mean train/entropy train/svgd_capped_fraction train/q_spread
+	$(PY) sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000 \
+		--by $(ABLATION_KEYS) --out results/hopper_ablations/report \
+		--diagnostics train/init_scale_mean train/init_scale_min train/entropy train/svgd_capped_fraction train/q_spread
 
 # Both multi-goal layouts, 5 seeds: S2AC (fixed and learned q0), SAC, SQL in the same harness; then the reports
 # (goal coverage against frames from report.py, goals/trajectories/entropies from multigoal.py).

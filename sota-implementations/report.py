@@ -8,7 +8,8 @@
 A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
 on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus
 the layout for the multi-goal task) and label (the algorithm, plus the values of the ``--by`` config
-keys), so ablations and baselines can be reported from the same directories.
+keys that differ from the algorithm's most common ones), so ablations and baselines can be reported
+from the same directories.
 
 Per run: the final score (the ``final`` evaluation at the end of training; runs that have not
 finished are listed but left out of the statistics) and the area under the learning curve (the
@@ -16,7 +17,8 @@ trapezoid mean of the evaluation curve over frames, i.e. the average score durin
 Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootstrap confidence
 intervals, and the probability of improvement of each reference label over every other label
 (Agarwal et al. 2021, via ``rliable``). A verdict is "better" when the whole 95% interval of the
-probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise.
+probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise,
+and none is given while either label has fewer than 3 finished runs.
 Runs of a task with different budgets (``collector.total_frames``) are reported as separate tasks;
 ``--at-frames N`` instead scores every run planned for at least N frames at N: its evaluation at exactly
 N frames (runs are evaluated every ``logger.eval_every_frames``), so that longer runs serve as baselines
@@ -57,6 +59,7 @@ class Run:
     final: float | None  # the end-of-training evaluation; None while the run has not finished
     total_frames: int
     records: list[dict]  # every metrics.jsonl record (training diagnostics included)
+    settings: tuple[tuple[str, str], ...] = ()  # the --by keys the run has, with their values
 
     @property
     def auc(self) -> float:
@@ -111,7 +114,37 @@ def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
         final=finals[-1] if finals else None,
         total_frames=int(cfg.collector.total_frames),
         records=records,
+        settings=tuple(tuple(entry.split("=", 1)) for entry in variant),
     )
+
+
+def compact_labels(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:
+    """Labels that show only how a run differs from its algorithm's most common value of each ``--by`` key
+    (``S2AC kernel_rule=mean``; the runs at every common value are plain ``S2AC``), and those common settings
+    per algorithm. The algorithm's own prefix is dropped from the keys (``s2ac.kernel_rule`` -> ``kernel_rule``)."""
+    values = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for key, value in run.settings:
+            values[run.algorithm][key].append(value)
+    common = {
+        algorithm: {key: max(set(seen), key=seen.count) for key, seen in keys.items()}
+        for algorithm, keys in values.items()
+    }
+
+    def short(algorithm: str, key: str) -> str:
+        return key.removeprefix(f"{algorithm}.")
+
+    relabelled = []
+    for run in runs:
+        differs = [f"{short(run.algorithm, k)}={v}" for k, v in run.settings if v != common[run.algorithm][k]]
+        label = run.algorithm.upper() + (" " + ",".join(differs) if differs else "")
+        relabelled.append(dataclasses.replace(run, label=label))
+    described = {
+        algorithm.upper(): ", ".join(f"{short(algorithm, k)}={v}" for k, v in settings.items())
+        for algorithm, settings in common.items()
+        if settings
+    }
+    return relabelled, described
 
 
 def at_budget(run: Run, frames: int) -> Run | None:
@@ -179,7 +212,10 @@ def improvements(runs: list[Run], references: list[str], reps: int) -> list[tupl
     for run in runs:
         if run.final is not None:
             finals[run.label].append(run.final)
-    is_reference = {label: any(label.startswith(r) for r in references) for label in finals}
+    # a reference names a label exactly, or else every label it begins
+    is_reference = {
+        label: any(label == r or (r not in finals and label.startswith(r)) for r in references) for label in finals
+    }
     rows = []
     for reference in [label for label in finals if is_reference[label]]:
         for other in [label for label in finals if not is_reference[label]]:
@@ -187,6 +223,9 @@ def improvements(runs: list[Run], references: list[str], reps: int) -> list[tupl
             point, ci = interval({"p": (x, y)}, metrics.probability_of_improvement, reps)
             rows.append((reference, other, float(point["p"]), *map(float, ci["p"][:, 0])))
     return rows
+
+
+MIN_RUNS = 3  # fewer finished runs per label than this: the bootstrap interval is degenerate, no verdict
 
 
 def verdict(low: float, high: float) -> str:
@@ -256,7 +295,9 @@ def fmt(estimate: tuple[float, float, float]) -> str:
     return f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
 
 
-def report(runs: list[Run], metric: str, references: list[str], out: Path, reps: int, diagnostics=()) -> str:
+def report(
+    runs: list[Run], metric: str, references: list[str], out: Path, reps: int, diagnostics=(), common=None
+) -> str:
     lines = [f"# Report: `{metric}`", ""]
     lines += [
         "Final: the end-of-training evaluation; AUC: average over the evaluation curve. Brackets: 95% "
@@ -264,6 +305,8 @@ def report(runs: list[Run], metric: str, references: list[str], out: Path, reps:
         "but not aggregated.",
         "",
     ]
+    for algorithm, settings in (common or {}).items():
+        lines += [f"{algorithm} labels name only what differs from its most common settings: {settings}.", ""]
     for task in sorted({r.task for r in runs}):
         task_runs = [r for r in runs if r.task == task]
         lines += [
@@ -272,13 +315,16 @@ def report(runs: list[Run], metric: str, references: list[str], out: Path, reps:
             "| label | n | final: mean | final: IQM | AUC: mean |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for label, row in sorted(aggregates(task_runs, reps).items()):
+        table = aggregates(task_runs, reps)
+        for label, row in sorted(table.items()):
             lines.append(f"| {label} | {row['n']} | {fmt(row['mean'])} | {fmt(row['iqm'])} | {fmt(row['auc mean'])} |")
         pairs = improvements(task_runs, references, reps)
         if pairs:
             lines += ["", "| P(X > Y) on final scores | estimate [95% CI] | verdict for X |", "| --- | --- | --- |"]
             for x, y, p, low, high in pairs:
-                lines.append(f"| {x} > {y} | {p:.2f} [{low:.2f}, {high:.2f}] | {verdict(low, high)} |")
+                counts = (table[x]["n"], table[y]["n"])
+                said = verdict(low, high) if min(counts) >= MIN_RUNS else f"none yet: {counts[0]} and {counts[1]} runs"
+                lines.append(f"| {x} > {y} | {p:.2f} [{low:.2f}, {high:.2f}] | {said} |")
         lines += [
             "",
             "| label | seed | frames evaluated | final | AUC | run |",
@@ -304,7 +350,9 @@ def main() -> None:
     parser.add_argument("paths", type=Path, nargs="+", help="run directories or folders holding them")
     parser.add_argument("--metric", default="eval/return", help="metrics.jsonl key to score")
     parser.add_argument("--by", nargs="*", default=[], help="config keys that tell variants of an algorithm apart")
-    parser.add_argument("--reference", nargs="*", default=["S2AC"], help="labels (prefixes) compared to the others")
+    parser.add_argument(
+        "--reference", nargs="*", default=["S2AC"], help="labels compared to the others (exact, or else prefixes)"
+    )
     parser.add_argument("--reps", type=int, default=20_000, help="bootstrap resamples")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
     parser.add_argument(
@@ -323,6 +371,7 @@ def main() -> None:
             raise SystemExit(f"--at-frames={args.at_frames} must be >= 1.")
         runs = [run for run in (at_budget(r, args.at_frames) for r in runs) if run is not None]
     runs = split_budgets(runs)
+    runs, common = compact_labels(runs)
     if not runs:
         raise SystemExit(
             f"No runs with metrics.jsonl, .hydra/ and '{args.metric}' under {[str(p) for p in args.paths]}"
@@ -330,7 +379,7 @@ def main() -> None:
         )
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics)
+    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics, common)
     (out / "report.md").write_text(text)
     print(text)
 

@@ -101,6 +101,23 @@ def test_budgets_are_never_mixed_and_at_frames_scores_longer_runs_at_the_shorter
     assert report.at_budget(sac, 2500).final is None  # no evaluation at exactly 2.5k frames: not scored
 
 
+def test_compact_labels_name_what_differs_and_exact_references(tmp_path):
+    arms = {"base": {}, "cap": {"max_step_ratio": None}, "rule": {"kernel_rule": "mean"}}
+    for arm, change in arms.items():
+        for seed in range(2):
+            settings = {"max_step_ratio": 0.5, "kernel_rule": "median", **change}
+            fake_run(tmp_path / arm, "s2ac", seed, [1.0], float(seed), s2ac=settings)
+    fake_run(tmp_path, "sac", 0, [1.0], 1.0)
+    keys = ["s2ac.max_step_ratio", "s2ac.kernel_rule"]
+    runs = [report.load_run(d, "eval/return", keys) for d in report.find_runs([tmp_path])]
+    runs, common = report.compact_labels(runs)
+    assert {r.label for r in runs} == {"S2AC", "S2AC max_step_ratio=None", "S2AC kernel_rule=mean", "SAC"}
+    assert common == {"S2AC": "max_step_ratio=0.5, kernel_rule=median"}
+    pairs = report.improvements(runs, ["S2AC"], reps=200)  # exact: the common-settings arm against the others
+    assert sorted(other for _, other, *_ in pairs) == ["S2AC kernel_rule=mean", "S2AC max_step_ratio=None", "SAC"]
+    assert {reference for reference, *_ in pairs} == {"S2AC"}
+
+
 def test_command_line_writes_markdown_and_curves(tmp_path):
     for algorithm in ("s2ac", "sac", "sql"):
         for seed in range(3):
@@ -159,3 +176,16 @@ def test_hydra_multirun_sweep_runs_each_seed_in_its_own_directory(tmp_path):
     sweep = "/".join((tmp_path / "sweep").parts[-3:])  # the W&B group of both runs
     assert [(c["algorithm"], c["seed"], c["group"]) for c in configs] == [("sac", 0, sweep), ("sac", 1, sweep)]
     assert {c["torch_threads"] for c in configs} == {max(1, os.cpu_count() // 2)}  # launcher.n_jobs = 2
+
+
+def test_no_verdict_below_three_runs_per_label(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path / "runs", "s2ac", seed, [0.0, 10.0], 10.0 + seed)
+    for seed in range(3):
+        fake_run(tmp_path / "runs", "sac", seed, [0.0, 1.0], 1.0 + seed)
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path / "runs"])]
+    text = report.report(runs, "eval/return", ["S2AC"], tmp_path, reps=200)
+    assert "| S2AC > SAC | 1.00 [1.00, 1.00] | none yet: 2 and 3 runs |" in text
+    fake_run(tmp_path / "runs", "s2ac", 2, [0.0, 10.0], 12.0)
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path / "runs"])]
+    assert "| S2AC > SAC | 1.00 [1.00, 1.00] | better |" in report.report(runs, "eval/return", ["S2AC"], tmp_path, 200)
