@@ -158,7 +158,12 @@ def at_budget(run: Run, frames: int) -> Run | None:
         final = run.final
     else:
         final = float(run.scores[run.frames == frames][0]) if (run.frames == frames).any() else None
-    return dataclasses.replace(run, frames=run.frames[keep], scores=run.scores[keep], final=final, total_frames=frames)
+    records = [
+        r for r in run.records if r.get("frames", 0) <= frames and not (r.get("final") and run.total_frames > frames)
+    ]
+    return dataclasses.replace(
+        run, frames=run.frames[keep], scores=run.scores[keep], final=final, total_frames=frames, records=records
+    )
 
 
 def split_budgets(runs: list[Run]) -> list[Run]:
@@ -275,16 +280,19 @@ def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> 
                     ax.plot(frames, values, color=color, alpha=0.3, lw=0.8)
                     series.append((frames, values))
             if series:
-                grid = np.array(sorted(set.intersection(*(set(f.tolist()) for f, _ in series))))
-                if len(grid):
-                    mean = np.mean([np.interp(grid, f, v) for f, v in series], axis=0)
-                    ax.plot(grid, mean, color=color, lw=2, label=f"{label} (n={len(series)})")
+                # the mean at each logged frame over the runs that reached it (unfinished runs end early)
+                grid = np.array(sorted(set().union(*(set(f.tolist()) for f, _ in series))))
+                mean = [np.mean([np.interp(x, f, v) for f, v in series if f[0] <= x <= f[-1]]) for x in grid]
+                ax.plot(grid, mean, color=color, lw=2, label=f"{label} (n={len(series)})")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("environment frames")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="lower center", ncol=min(len(handles), 4))
     fig.suptitle(f"{task}: training diagnostics")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / f"diagnostics_{slug(task)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
