@@ -127,7 +127,7 @@ def compact_labels(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:
         for key, value in run.settings:
             values[run.algorithm][key].append(value)
     common = {
-        algorithm: {key: max(set(seen), key=seen.count) for key, seen in keys.items()}
+        algorithm: {key: max(sorted(set(seen)), key=seen.count) for key, seen in keys.items()}  # ties: first sorted
         for algorithm, keys in values.items()
     }
 
