@@ -151,7 +151,7 @@ def trained_critic(path: Path, states: int) -> list[str]:
         return {
             "particles": u,
             "log_q": out.log_prob,
-            "length_scale": RBFKernel()(u).bandwidth.sqrt().flatten(-3),
+            "length_scale": actor.stein.kernel(u).bandwidth.sqrt().flatten(-3),
             "q": q,
             "action": out.action,
         }
