@@ -51,22 +51,17 @@ hopper: $(STAMP)
 	$(PY) sota-implementations/sql.py -m $(HOPPER) +experiment=sql_mujoco_haarnoja hydra.sweep.dir=results/hopper_100k/sql
 	$(PY) sota-implementations/report.py results/hopper_100k
 
-# Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting changed
-# at a time. The arms run with the SVGD score in bf16 (s2ac.score_dtype=bfloat16, 1.2x faster); the default runs in
-# both precisions, which is also the bf16-vs-fp32 learning comparison. q0_floor is the remedy for q0's sigma reaching
-# its 0.1 floor in some states (seen in the default runs' train/init_scale_min).
+# Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, fp32, one setting
+# changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun
+# it after an interruption and it skips the finished runs and continues the others from their checkpoints.
+# q0_floor is the remedy for q0's sigma reaching its 0.1 floor in some states (the default runs' train/init_scale_min).
+# default_bf16 (the bf16 score path's learning comparison) needs bf16 matrix units: ARMS=default_bf16 on such a CPU.
+ARMS ?= default,q0_floor,fixed_q0,no_cap,mean_rule,learned_alpha
 ABLATION_KEYS := s2ac.score_dtype s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixed_alpha s2ac.fixed_init_std \
 	s2ac.init_std_min
-ABLATIONS := default: default_bf16:s2ac.score_dtype=bfloat16 \
-	no_cap:s2ac.score_dtype=bfloat16,s2ac.max_step_ratio=null mean_rule:s2ac.score_dtype=bfloat16,s2ac.kernel_rule=mean \
-	learned_alpha:s2ac.score_dtype=bfloat16,s2ac.fixed_alpha=false fixed_q0:s2ac.score_dtype=bfloat16,s2ac.fixed_init_std=0.5 \
-	q0_floor:s2ac.score_dtype=bfloat16,s2ac.init_std_min=0.3
 ablations: $(STAMP)
-	for arm in $(ABLATIONS); do \
-		$(PY) sota-implementations/s2ac.py -m env=hopper seed=0,1,2 collector.total_frames=30000 $(EVAL) \
-			replay_buffer.size=30000 compile.compile=true hydra.launcher.n_jobs=$(JOBS) \
-			hydra.sweep.dir=results/hopper_ablations/$${arm%%:*} $$(echo $${arm#*:} | tr , ' ') || exit 1; \
-	done
+	$(PY) sota-implementations/s2ac.py -m +experiment=hopper_ablation +ablation=$(ARMS) seed=0,1,2 \
+		hydra.launcher.n_jobs=$(JOBS)
 	$(PY) sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000 \
 		--by $(ABLATION_KEYS) --out results/hopper_ablations/report \
 		--diagnostics train/init_scale_mean train/init_scale_min train/entropy train/svgd_capped_fraction train/q_spread

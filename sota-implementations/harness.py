@@ -66,9 +66,12 @@ from torchrl_s2ac.envs import until_first_done
 SCRIPTS_DIR = Path(__file__).resolve().parent
 
 
+AUTO_RESUME = "auto"  # resume=auto: continue the run directory's own checkpoint if it has one, else start
+
+
 def _run_dir(resume: str | None, checkpoint_dir: str, default: str) -> str:
     """``hydra.run.dir``: a resumed run continues in its own directory (see :func:`checkpoint.locate`)."""
-    if not resume:
+    if not resume or resume == AUTO_RESUME:
         return default
     try:
         return str(checkpoint.locate(Path(resume), checkpoint_dir)[1])
@@ -275,9 +278,49 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
     need(cfg.checkpoint.every_frames >= 1, f"checkpoint.every_frames={cfg.checkpoint.every_frames} must be >= 1.")
     need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: automatic).")
     root = Path(cfg.checkpoint.dir).absolute()
-    if cfg.resume:
-        root, _ = checkpoint.locate(Path(to_absolute_path(cfg.resume)), cfg.checkpoint.dir)
+    if resume_source(cfg):
+        root, _ = checkpoint.locate(resume_source(cfg), cfg.checkpoint.dir)
     checkpoint.check_writable(root)
+
+
+def resume_source(cfg: DictConfig) -> Path | None:
+    """What ``resume`` continues: the named run, or with ``resume=auto`` this run directory if it has a checkpoint."""
+    if cfg.resume == AUTO_RESUME:
+        own = Path.cwd()
+        return own if (Path(cfg.checkpoint.dir).absolute() / checkpoint.POINTER).is_file() else None
+    return Path(to_absolute_path(cfg.resume)) if cfg.resume else None
+
+
+# Hydra rewrites a job's .hydra/ before the job starts, also when resume=auto then skips it: run.json keeps the
+# files of the command that trained the run, and a skipped run gets them back.
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def hydra_files() -> dict[str, str]:
+    """The text of this run's ``.hydra/`` files (empty outside hydra's output directories)."""
+    return {name: (Path(".hydra") / name).read_text() for name in HYDRA_FILES if (Path(".hydra") / name).is_file()}
+
+
+def restore_hydra_files() -> None:
+    """Put back the ``.hydra/`` files recorded in ``run.json`` by the command that trained this run."""
+    recorded = json.loads(Path("run.json").read_text()).get("hydra_files", {}) if Path("run.json").is_file() else {}
+    for name, text in recorded.items():
+        (Path(".hydra") / name).write_text(text)
+
+
+def finished_result(cfg: DictConfig) -> dict | None:
+    """With ``resume=auto``, the final evaluation of this run directory when it already reached its budget."""
+    path = Path("metrics.jsonl")
+    if cfg.resume != AUTO_RESUME or not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill
+            continue
+        if record.get("final") and record.get("frames", 0) >= cfg.collector.total_frames:
+            return record
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -804,6 +847,13 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
     A checkpoint that cannot be written or resumed, and non-finite data, end the program with one line.
     """
+    finished = finished_result(cfg)
+    if finished is not None:  # a rerun sweep skips the runs it already finished
+        restore_hydra_files()
+        tqdm.tqdm.write(f"{os.getcwd()} already finished ({finished['frames']} frames): skipped", file=sys.stderr)
+        return finished
+    if cfg.resume == AUTO_RESUME and resume_source(cfg) is None:
+        Path("metrics.jsonl").unlink(missing_ok=True)  # records of a run whose checkpoint is gone: start over
     try:
         return _train(cfg, algorithm, make_agent)
     except checkpoint.CheckpointError as error:
@@ -836,8 +886,8 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         "next_eval": 0,
         "next_checkpoint": cfg.checkpoint.every_frames,
     }
-    if cfg.resume:
-        checkpoint_root, run_dir = checkpoint.locate(Path(to_absolute_path(cfg.resume)), cfg.checkpoint.dir)
+    if resume_source(cfg):
+        checkpoint_root, run_dir = checkpoint.locate(resume_source(cfg), cfg.checkpoint.dir)
         os.chdir(run_dir)  # continue in the run's own directory: one metrics.jsonl, W&B run and checkpoint
         state = checkpoint.load(
             checkpoint_root,
@@ -848,7 +898,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         )
         truncate_metrics(Path("metrics.jsonl"), state["frames"])
     identity = run_identity(cfg, algorithm)
-    Path("run.json").write_text(json.dumps(identity, indent=1) + "\n")
+    Path("run.json").write_text(json.dumps({**identity, "hydra_files": hydra_files()}, indent=1) + "\n")
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
     if cfg.optim.get("target_update_interval"):  # a hard copy every N updates (DQN, Haarnoja et al.'s SQL)

@@ -450,6 +450,31 @@ def test_sigkill_then_resume_continues_in_the_same_directory(tmp_path):
     assert "the checkpoint has network.critic_cells=[16, 16], this run network.critic_cells=[8]" in line
 
 
+def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path):
+    """The same command, rerun (a restarted multirun), continues the run from its checkpoint, then skips it."""
+    out, total = tmp_path / "run", 240
+    (out).mkdir()
+    (out / "metrics.jsonl").write_text('{"frames": 999, "eval/return": 1.0}\n')  # records whose checkpoint is gone
+    proc = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20", popen=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = checkpoint.read_manifest(out / "checkpoints")[1]["state"]["frames"]
+    assert 999 not in frames_logged(out)  # the stale records were dropped when the run started over
+    result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
+    assert killed_at < total and state["frames"] == total and load_script_checkpoint(out)
+    logged = frames_logged(out)
+    assert logged == sorted(logged) and logged[-1] == total
+    before = {name: (out / name).read_text() for name in ("metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "seed=7")  # hydra rewrites .hydra/
+    assert result.returncode == 0 and "already finished (240 frames): skipped" in result.stderr, result.stderr[-3000:]
+    assert {name: (out / name).read_text() for name in before} == before  # the training command's, not seed=7's
+
+
 def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tmp_path):
     out = tmp_path / "run"
     # 20 frames x utd 100 = 2000 updates in the second batch: far longer than the stop may take.
