@@ -55,7 +55,8 @@ hopper: $(STAMP)
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, fp32, one setting
 # changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun
 # it after an interruption and it skips the finished runs and continues the others from their checkpoints.
-# q0_floor is the remedy for q0's sigma reaching its 0.1 floor in some states (the default runs' train/init_scale_min).
+# SAC runs in the same harness and budget (+ablation=sac). q0_floor is the remedy for q0's sigma reaching its 0.1
+# floor in some states (the default runs' train/init_scale_min).
 # default_bf16 (the bf16 score path's learning comparison) needs bf16 matrix units: ARMS=default_bf16 on such a CPU.
 ARMS ?= default,q0_floor,fixed_q0,no_cap,mean_rule,learned_alpha
 ABLATION_KEYS := s2ac.score_dtype s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixed_alpha s2ac.fixed_init_std \
@@ -63,7 +64,8 @@ ABLATION_KEYS := s2ac.score_dtype s2ac.max_step_ratio s2ac.kernel_rule s2ac.fixe
 ablations: $(STAMP)
 	$(PY) sota-implementations/s2ac.py -m +experiment=hopper_ablation +ablation=$(ARMS) seed=0,1,2 \
 		hydra.launcher.n_jobs=$(JOBS)
-	$(PY) sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000 \
+	$(PY) sota-implementations/sac.py -m +experiment=hopper_ablation +ablation=sac seed=0,1,2 hydra.launcher.n_jobs=$(JOBS)
+	$(PY) sota-implementations/report.py results/hopper_ablations \
 		--by $(ABLATION_KEYS) --out results/hopper_ablations/report \
 		--diagnostics train/init_scale_mean train/init_scale_min train/entropy train/svgd_capped_fraction train/q_spread
 
