@@ -43,9 +43,11 @@ EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 
 # S2AC vs SAC vs SQL on Hopper-v5, 100k frames, 5 seeds (hours per S2AC run on 2 cores), then the report.
 # Each algorithm with its authors' settings; SQL with Haarnoja et al.'s (experiment/sql_mujoco_haarnoja.yaml).
-# resume=auto: rerun after a stop to finish what is unfinished (each run continues from its own checkpoint).
+# resume=auto: rerun after a stop to finish what is unfinished (each run continues from its own checkpoint);
+# run directories are named by what varies (seed, task, layout), never by job number, so a rerun with more
+# seeds finds the finished ones.
 HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
-	hydra.launcher.n_jobs=$(JOBS) resume=auto
+	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'
 hopper: $(STAMP)
 	$(PY) sota-implementations/s2ac.py -m $(HOPPER) compile.compile=true hydra.sweep.dir=results/hopper_100k/s2ac
 	$(PY) sota-implementations/sac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/sac
@@ -74,10 +76,12 @@ ablations: $(STAMP)
 multigoal: $(STAMP)
 	for algorithm in s2ac sac sql; do \
 		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=four_goals,three_goals \
-			seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) resume=auto hydra.sweep.dir=results/multigoal_20k/$$algorithm || exit 1; \
+			seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=$${env.layout}/seed$${seed}' \
+			hydra.sweep.dir=results/multigoal_20k/$$algorithm || exit 1; \
 	done
 	$(PY) sota-implementations/s2ac.py -m +experiment=multigoal_s2ac s2ac.fixed_init_std=null \
 		env.layout=four_goals,three_goals seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) resume=auto \
+		'hydra.sweep.subdir=$${env.layout}/seed$${seed}' \
 		hydra.sweep.dir=results/multigoal_20k/s2ac_learned_q0
 	$(PY) sota-implementations/report.py results/multigoal_20k --metric eval/goals_reached --by s2ac.fixed_init_std
 	for layout in four_goals three_goals; do \
@@ -88,7 +92,8 @@ multigoal: $(STAMP)
 # (SQL once per task: its temperature is Haarnoja et al.'s per-task reward scale). On a SLURM cluster add
 # hydra/launcher=slurm (config/hydra/launcher/slurm.yaml). Cost estimates: README, "Results".
 TASKS := hopper,walker2d,halfcheetah,ant,humanoid
-CAMPAIGN := seed=$(SEEDS) collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS) resume=auto
+CAMPAIGN := seed=$(SEEDS) collector.total_frames=1000000 $(EVAL) hydra.launcher.n_jobs=$(JOBS) resume=auto \
+	'hydra.sweep.subdir=$${env.name}/seed$${seed}'
 campaign: $(STAMP)
 	$(PY) sota-implementations/s2ac.py -m env=$(TASKS) $(CAMPAIGN) compile.compile=true hydra.sweep.dir=results/campaign/s2ac
 	$(PY) sota-implementations/sac.py -m env=$(TASKS) $(CAMPAIGN) hydra.sweep.dir=results/campaign/sac

@@ -110,6 +110,7 @@ def exit_on_config_error(validate: Callable[[DictConfig], None], cfg: DictConfig
     try:
         validate(cfg)
     except (ConfigError, checkpoint.CheckpointError) as error:
+        restore_hydra_files()  # hydra wrote this command's .hydra/ into a directory it does not train in
         raise SystemExit(f"Invalid configuration: {error}") from None
 
 
@@ -277,6 +278,7 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
         need(problem is None, f"logger.video=true needs a logger that records video ({problem}).")
     need(cfg.checkpoint.every_frames >= 1, f"checkpoint.every_frames={cfg.checkpoint.every_frames} must be >= 1.")
     need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: automatic).")
+    check_same_run(cfg)
     root = Path(cfg.checkpoint.dir).absolute()
     if resume_source(cfg):
         root, _ = checkpoint.locate(resume_source(cfg), cfg.checkpoint.dir)
@@ -301,26 +303,106 @@ def hydra_files() -> dict[str, str]:
     return {name: (Path(".hydra") / name).read_text() for name in HYDRA_FILES if (Path(".hydra") / name).is_file()}
 
 
-def restore_hydra_files() -> None:
-    """Put back the ``.hydra/`` files recorded in ``run.json`` by the command that trained this run."""
-    recorded = json.loads(Path("run.json").read_text()).get("hydra_files", {}) if Path("run.json").is_file() else {}
+def recorded_hydra_files() -> dict[str, str]:
+    """The ``.hydra/`` files that ``run.json`` recorded for the command that trained this run ({} if none)."""
+    return json.loads(Path("run.json").read_text()).get("hydra_files", {}) if Path("run.json").is_file() else {}
+
+
+def restore_hydra_files(warn: bool = False) -> None:
+    """Put back the ``.hydra/`` files recorded in ``run.json`` by the command that trained this run.
+
+    Called whenever a command ends without training in a run directory (a skipped run, a refused setting).
+    """
+    recorded = recorded_hydra_files()
+    if warn and not recorded:
+        print(f"warning: {os.getcwd()}/run.json records no .hydra/ files; hydra's are this command's", file=sys.stderr)
     for name, text in recorded.items():
         (Path(".hydra") / name).write_text(text)
 
 
-def finished_result(cfg: DictConfig) -> dict | None:
-    """With ``resume=auto``, the final evaluation of this run directory when it already reached its budget."""
-    path = Path("metrics.jsonl")
-    if cfg.resume != AUTO_RESUME or not path.exists():
-        return None
-    for line in path.read_text().splitlines():
+# Settings that may differ between the command that trained a run and the one that continues or skips it
+# with resume=auto: where and how it runs, its budget and its logging, never what it learns.
+RESTART_FREE_KEYS = (
+    "resume",
+    "num_threads",
+    "checkpoint",
+    "compile",
+    "collector.total_frames",
+    "collector.backend",
+    "collector.num_workers",
+    "collector.ray_address",
+    "logger.backend",
+    "logger.mode",
+    "logger.project_name",
+    "logger.group_name",
+    "logger.video",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def check_same_run(cfg: DictConfig) -> None:
+    """``resume=auto``: a :class:`ConfigError` if this run directory was trained with other settings."""
+    recorded = recorded_hydra_files().get("config.yaml")
+    if cfg.resume != AUTO_RESUME or recorded is None:
+        return
+    before = _flatten(OmegaConf.to_container(OmegaConf.create(recorded), resolve=False))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    free = tuple(key + "." for key in RESTART_FREE_KEYS)
+    differ = [
+        key
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and key not in RESTART_FREE_KEYS and not key.startswith(free)
+    ]
+    if differ:
+        detail = ", ".join(f"{key}={before.get(key)!r} there, {now.get(key)!r} here" for key in differ[:3])
+        raise ConfigError(f"resume=auto: {os.getcwd()} holds a run trained with other settings ({detail}).")
+
+
+def final_records(path: Path) -> list[dict]:
+    """The final-evaluation records of a ``metrics.jsonl`` (lines torn by a kill are ignored)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
-        except ValueError:  # a line torn by a kill
+        except ValueError:
             continue
-        if record.get("final") and record.get("frames", 0) >= cfg.collector.total_frames:
-            return record
-    return None
+        if isinstance(record, dict) and record.get("final"):
+            records.append(record)
+    return records
+
+
+def finished_result(cfg: DictConfig) -> dict | None:
+    """With ``resume=auto``, the final evaluation of this run directory when it already reached its budget."""
+    if cfg.resume != AUTO_RESUME:
+        return None
+    done = [r for r in final_records(Path("metrics.jsonl")) if r.get("frames", 0) >= cfg.collector.total_frames]
+    return done[-1] if done else None
+
+
+def set_aside_orphan_metrics(cfg: DictConfig) -> None:
+    """``resume=auto`` starting afresh: records left without a checkpoint move to ``metrics.jsonl.orphan-<k>``.
+
+    A finished run is never restarted: raising its budget needs its checkpoint.
+    """
+    path = Path("metrics.jsonl")
+    if cfg.resume != AUTO_RESUME or resume_source(cfg) is not None or not path.exists():
+        return
+    if final_records(path):
+        frames = final_records(path)[-1].get("frames")
+        raise checkpoint.CheckpointError(
+            f"resume=auto: {os.getcwd()} finished at {frames} frames, below collector.total_frames="
+            f"{cfg.collector.total_frames}, and has no checkpoint to continue from."
+        )
+    k = 0
+    while path.with_name(f"metrics.jsonl.orphan-{k}").exists():
+        k += 1
+    path.rename(path.with_name(f"metrics.jsonl.orphan-{k}"))
 
 
 # ---------------------------------------------------------------------------
@@ -849,14 +931,14 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
     """
     finished = finished_result(cfg)
     if finished is not None:  # a rerun sweep skips the runs it already finished
-        restore_hydra_files()
+        restore_hydra_files(warn=True)
         tqdm.tqdm.write(f"{os.getcwd()} already finished ({finished['frames']} frames): skipped", file=sys.stderr)
         return finished
-    if cfg.resume == AUTO_RESUME and resume_source(cfg) is None:
-        Path("metrics.jsonl").unlink(missing_ok=True)  # records of a run whose checkpoint is gone: start over
     try:
+        set_aside_orphan_metrics(cfg)
         return _train(cfg, algorithm, make_agent)
     except checkpoint.CheckpointError as error:
+        restore_hydra_files()  # a refused resume trains nothing: the directory keeps its own command's files
         raise SystemExit(f"Checkpoint error: {error}") from None
     except NonFiniteError as error:
         raise SystemExit(f"Non-finite data: {error}") from None
@@ -1028,9 +1110,9 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
             wandb.finish()
         tqdm.tqdm.write(f"Interrupted at {state['frames']} frames; resume with resume={os.getcwd()}", file=sys.stderr)
         raise SystemExit(130)
+    save()  # before the final record: a run killed in between resumes and evaluates again, never skipped unsaved
     final = evaluate(cfg, eval_env, agent.policy)
     record({**final, "final": 1})
-    save()
     eval_env.close()
     if logger is not None and cfg.logger.backend == "wandb":
         import wandb

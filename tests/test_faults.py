@@ -462,7 +462,8 @@ def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed_at = checkpoint.read_manifest(out / "checkpoints")[1]["state"]["frames"]
-    assert 999 not in frames_logged(out)  # the stale records were dropped when the run started over
+    assert 999 not in frames_logged(out)  # the records without a checkpoint were set aside, not mixed in
+    assert "999" in (out / "metrics.jsonl.orphan-0").read_text()
     result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20")
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
@@ -470,9 +471,19 @@ def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path
     logged = frames_logged(out)
     assert logged == sorted(logged) and logged[-1] == total
     before = {name: (out / name).read_text() for name in ("metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml")}
-    result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "seed=7")  # hydra rewrites .hydra/
+    result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "num_threads=2")
     assert result.returncode == 0 and "already finished (240 frames): skipped" in result.stderr, result.stderr[-3000:]
-    assert {name: (out / name).read_text() for name in before} == before  # the training command's, not seed=7's
+    # Hydra rewrote .hydra/ for each command; the directory keeps the training command's files.
+    assert {name: (out / name).read_text() for name in before} == before
+    line = last_line(launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "seed=7"))
+    assert line.startswith("Invalid configuration: resume=auto:") and "(seed=0 there, 7 here)" in line
+    line = last_line(launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "s2ac.kernel_rule=mean"))
+    assert "(s2ac.kernel_rule='median' there, 'mean' here)" in line
+    assert {name: (out / name).read_text() for name in before} == before
+    shutil.rmtree(out / "checkpoints")  # a finished run whose budget is raised needs its checkpoint
+    line = last_line(launch("s2ac", out, "resume=auto", f"collector.total_frames={total + 40}"))
+    assert line.startswith("Checkpoint error: resume=auto:") and "finished at 240 frames" in line
+    assert {name: (out / name).read_text() for name in before} == before
 
 
 def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tmp_path):
