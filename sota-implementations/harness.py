@@ -347,7 +347,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_same_run(cfg: DictConfig) -> None:
-    """``resume=auto``: a :class:`ConfigError` if this run directory was trained with other settings."""
+    """``resume=auto``: a :class:`ConfigError` if this run directory was trained with other settings.
+
+    Options the recorded command did not have yet are not compared: a new option's default keeps the behaviour
+    that runs trained before it had.
+    """
     recorded = recorded_hydra_files().get("config.yaml")
     if cfg.resume != AUTO_RESUME or recorded is None:
         return
@@ -356,8 +360,8 @@ def check_same_run(cfg: DictConfig) -> None:
     free = tuple(key + "." for key in RESTART_FREE_KEYS)
     differ = [
         key
-        for key in sorted(before.keys() | now.keys())
-        if before.get(key) != now.get(key) and key not in RESTART_FREE_KEYS and not key.startswith(free)
+        for key in sorted(before)
+        if before[key] != now.get(key, "<absent>") and key not in RESTART_FREE_KEYS and not key.startswith(free)
     ]
     if differ:
         detail = ", ".join(f"{key}={before.get(key)!r} there, {now.get(key)!r} here" for key in differ[:3])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
@@ -453,9 +454,10 @@ def test_sigkill_then_resume_continues_in_the_same_directory(tmp_path):
 def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path):
     """The same command, rerun (a restarted multirun), continues the run from its checkpoint, then skips it."""
     out, total = tmp_path / "run", 240
-    (out).mkdir()
+    out.mkdir()
     (out / "metrics.jsonl").write_text('{"frames": 999, "eval/return": 1.0}\n')  # records whose checkpoint is gone
-    proc = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20", popen=True)
+    command = ("resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20")
+    proc = launch("s2ac", out, *command, popen=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
         time.sleep(0.2)
@@ -464,13 +466,14 @@ def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path
     killed_at = checkpoint.read_manifest(out / "checkpoints")[1]["state"]["frames"]
     assert 999 not in frames_logged(out)  # the records without a checkpoint were set aside, not mixed in
     assert "999" in (out / "metrics.jsonl.orphan-0").read_text()
-    result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "checkpoint.every_frames=20")
+    result = launch("s2ac", out, *command)
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
     assert killed_at < total and state["frames"] == total and load_script_checkpoint(out)
     logged = frames_logged(out)
     assert logged == sorted(logged) and logged[-1] == total
-    before = {name: (out / name).read_text() for name in ("metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml")}
+    kept = ("metrics.jsonl", ".hydra/config.yaml", ".hydra/overrides.yaml")
+    before = {name: (out / name).read_text() for name in kept}
     result = launch("s2ac", out, "resume=auto", f"collector.total_frames={total}", "num_threads=2")
     assert result.returncode == 0 and "already finished (240 frames): skipped" in result.stderr, result.stderr[-3000:]
     # Hydra rewrote .hydra/ for each command; the directory keeps the training command's files.
@@ -532,6 +535,19 @@ def config(script: str, overrides: list[str]):
     """The script's configuration with ``overrides``, composed as hydra would."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=script, overrides=overrides)
+
+
+def test_resume_auto_compares_what_the_run_was_trained_with_not_options_it_predates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained = config("s2ac", ["resume=auto", "s2ac.kernel_rule=mean"])
+    recorded = OmegaConf.to_container(trained, resolve=False)
+    del recorded["s2ac"]["init_std_min"]  # an option added after this run was trained
+    recorded["checkpoint"]["every_frames"] = 7  # how it was checkpointed may differ
+    (tmp_path / "run.json").write_text(json.dumps({"hydra_files": {"config.yaml": OmegaConf.to_yaml(recorded)}}))
+    harness.check_same_run(config("s2ac", ["resume=auto", "s2ac.kernel_rule=mean", "num_threads=1"]))
+    with pytest.raises(harness.ConfigError, match=r"\(s2ac.kernel_rule='mean' there, 'median' here\)"):
+        harness.check_same_run(config("s2ac", ["resume=auto"]))
+    harness.check_same_run(config("s2ac", []))  # without resume=auto nothing is compared
 
 
 @pytest.mark.parametrize(
