@@ -280,8 +280,9 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
     need(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0 (0: automatic).")
     check_same_run(cfg)
     root = Path(cfg.checkpoint.dir).absolute()
-    if resume_source(cfg):
-        root, _ = checkpoint.locate(resume_source(cfg), cfg.checkpoint.dir)
+    source = resume_source(cfg)
+    if source:
+        root, _ = checkpoint.locate(source, cfg.checkpoint.dir)
     checkpoint.check_writable(root)
 
 
@@ -364,7 +365,7 @@ def check_same_run(cfg: DictConfig) -> None:
         if before[key] != now.get(key, "<absent>") and key not in RESTART_FREE_KEYS and not key.startswith(free)
     ]
     if differ:
-        detail = ", ".join(f"{key}={before.get(key)!r} there, {now.get(key)!r} here" for key in differ[:3])
+        detail = ", ".join(f"{key}={before[key]!r} there, {now.get(key)!r} here" for key in differ[:3])
         raise ConfigError(f"resume=auto: {os.getcwd()} holds a run trained with other settings ({detail}).")
 
 
@@ -397,8 +398,9 @@ def set_aside_orphan_metrics(cfg: DictConfig) -> None:
     path = Path("metrics.jsonl")
     if cfg.resume != AUTO_RESUME or resume_source(cfg) is not None or not path.exists():
         return
-    if final_records(path):
-        frames = final_records(path)[-1].get("frames")
+    finals = final_records(path)
+    if finals:
+        frames = finals[-1].get("frames")
         raise checkpoint.CheckpointError(
             f"resume=auto: {os.getcwd()} finished at {frames} frames, below collector.total_frames="
             f"{cfg.collector.total_frames}, and has no checkpoint to continue from."
@@ -972,8 +974,9 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         "next_eval": 0,
         "next_checkpoint": cfg.checkpoint.every_frames,
     }
-    if resume_source(cfg):
-        checkpoint_root, run_dir = checkpoint.locate(resume_source(cfg), cfg.checkpoint.dir)
+    source = resume_source(cfg)
+    if source:
+        checkpoint_root, run_dir = checkpoint.locate(source, cfg.checkpoint.dir)
         os.chdir(run_dir)  # continue in the run's own directory: one metrics.jsonl, W&B run and checkpoint
         state = checkpoint.load(
             checkpoint_root,
