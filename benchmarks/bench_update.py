@@ -45,16 +45,21 @@ from torchrl_s2ac import (
 )
 
 SHAPES = {"Hopper-v5": (11, 3), "HalfCheetah-v5": (17, 6)}
+UNITS = {"AVX-512 BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
 
 
 def cpu_model() -> str:
+    """The CPU's model name and its bf16 matrix units (what the bf16 score path's speed depends on)."""
+    name = platform.processor() or "unknown"
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    units = [unit for unit, present in UNITS.items() if present()]
+    return f"{name} (bf16 matrix units: {', '.join(units) or 'none, bf16 emulated'})"
 
 
 def synchronize() -> None:

@@ -9,12 +9,14 @@ logging and checkpoints come from the shared harness (harness.py).
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
 import harness
 from torchrl_s2ac import AmortizedSampler, RBFKernel, S2ACLoss, SVGDActor
-from torchrl_s2ac.stein import MIXED_PRECISION_DTYPES
+from torchrl_s2ac.stein import MIXED_PRECISION_DTYPES, has_bf16_matmul
 
 
 KINDS = {
@@ -50,6 +52,12 @@ def validate(cfg: DictConfig) -> None:
         raise harness.ConfigError(f"s2ac.init_std_min={s.init_std_min} must be in (0, 1) (q0's sigma is at most 1).")
     if s.get("score_dtype") not in SCORE_DTYPES:
         raise harness.ConfigError(f"s2ac.score_dtype={s.score_dtype!r} must be null, bfloat16 or float16.")
+    if s.get("score_dtype") == "bfloat16" and not has_bf16_matmul(harness.network_device(cfg)):
+        warnings.warn(
+            f"s2ac.score_dtype=bfloat16 on {harness.network_device(cfg)} without bf16 matrix units (AVX-512 BF16, "
+            "AMX or a bf16 GPU): its matmuls are emulated, about 50x slower than the fp32 default.",
+            stacklevel=2,
+        )
     if s.kernel_rule not in ("median", "mean"):
         raise harness.ConfigError(f"s2ac.kernel_rule={s.kernel_rule!r} must be median or mean.")
     if not s.step_size > 0:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -594,6 +595,20 @@ def test_video_with_csv_needs_torchcodec(tmp_path, monkeypatch):
 def test_a_bad_type_ends_the_script_in_one_line(tmp_path):
     line = last_line(launch("s2ac", tmp_path / "run", "optim.batch_size=32.0"))
     assert line == "Invalid configuration: optim.batch_size=32.0 must be an integer."
+
+
+def test_bf16_score_path_warns_where_bf16_matmuls_are_emulated(monkeypatch):
+    """``s2ac.score_dtype=bfloat16`` on a CPU without bf16 matrix units runs, with one warning saying why it is slow."""
+    import s2ac
+
+    cfg = config("s2ac", ["env=multigoal", "s2ac.score_dtype=bfloat16"])
+    monkeypatch.setattr(s2ac, "has_bf16_matmul", lambda device: False)
+    with pytest.warns(UserWarning, match="s2ac.score_dtype=bfloat16 on cpu without bf16 matrix units"):
+        s2ac.validate(cfg)
+    monkeypatch.setattr(s2ac, "has_bf16_matmul", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s2ac.validate(cfg)
 
 
 def test_q0_and_precision_options_reach_the_actor():

@@ -1,6 +1,7 @@
 """The closed-form Stein log-density against autograd, closed forms and known entropies."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torchrl_s2ac import (
     SteinEntropy,
     SVGDNumericalError,
     exact_log_det,
+    has_bf16_matmul,
     knn_entropy,
     sample_truncated_normal,
     stein_trace,
@@ -295,6 +297,13 @@ def test_knn_entropy_matches_closed_forms():
 def test_truncated_normal_sampler_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(sample_truncated_normal)(torch.zeros(4, 3), torch.ones(4, 3), 10)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo (Linux)")
+def test_bf16_matmul_probe_agrees_with_the_cpu_flags():
+    """``has_bf16_matmul("cpu")`` holds exactly when the kernel lists AVX-512 BF16 or AMX-BF16 for this CPU."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert has_bf16_matmul("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_score_dtype_evaluates_only_the_score_in_low_precision():

@@ -6,6 +6,7 @@ from torchrl_s2ac.stein import (
     SteinOutput,
     SVGDNumericalError,
     exact_log_det,
+    has_bf16_matmul,
     stein_trace,
     svgd_direction,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "NonFiniteError",
     "first_non_finite",
     "exact_log_det",
+    "has_bf16_matmul",
     "stein_trace",
     "svgd_direction",
     "TanhSquash",

@@ -40,9 +40,22 @@ __all__ = [
     "exact_log_det",
     "score",
     "MIXED_PRECISION_DTYPES",
+    "has_bf16_matmul",
 ]
 
 MIXED_PRECISION_DTYPES = (None, torch.bfloat16, torch.float16)
+
+
+def has_bf16_matmul(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU
+    with AVX-512 BF16 or AMX units. Elsewhere (an AVX2-only CPU) bf16 matmuls are emulated, about 50x
+    slower than fp32, so ``score_dtype=torch.bfloat16`` only pays where this holds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return True
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
