@@ -45,8 +45,8 @@ EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 # Each algorithm with its authors' settings; SQL with Haarnoja et al.'s (experiment/sql_mujoco_haarnoja.yaml).
 # resume=auto: rerun after a stop to finish what is unfinished (each run continues from its own checkpoint);
 # run directories are named by what varies (seed, task, layout), never by job number, so a rerun with more
-# seeds finds the finished ones. S2AC_SCORE=bfloat16 runs S2AC's SVGD score path in bf16 (1.56x faster compiled update on a
-# CPU with AMX, the same learning in the ablation's default_bf16 arm); a rerun must keep the precision its runs used.
+# seeds finds the finished ones. S2AC_SCORE=bfloat16 runs S2AC's SVGD score path in bf16 (1.56x faster compiled
+# update on a CPU with AMX, the same learning in the ablation's default_bf16 arm); a rerun keeps its runs' precision.
 S2AC_SCORE ?= null
 HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
 	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'

@@ -52,9 +52,10 @@ def validate(cfg: DictConfig) -> None:
         raise harness.ConfigError(f"s2ac.init_std_min={s.init_std_min} must be in (0, 1) (q0's sigma is at most 1).")
     if s.get("score_dtype") not in SCORE_DTYPES:
         raise harness.ConfigError(f"s2ac.score_dtype={s.score_dtype!r} must be null, bfloat16 or float16.")
-    if s.get("score_dtype") == "bfloat16" and not has_bf16_matmul(harness.network_device(cfg)):
+    device = harness.network_device(cfg)
+    if s.get("score_dtype") == "bfloat16" and not has_bf16_matmul(device):
         warnings.warn(
-            f"s2ac.score_dtype=bfloat16 on {harness.network_device(cfg)} without bf16 matrix units (AVX-512 BF16, "
+            f"s2ac.score_dtype=bfloat16 on {device} without bf16 matrix units (AVX-512 BF16, "
             "AMX or a bf16 GPU): its matmuls are emulated, about 50x slower than the fp32 default.",
             stacklevel=2,
         )

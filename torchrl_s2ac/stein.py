@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 MIXED_PRECISION_DTYPES = (None, torch.bfloat16, torch.float16)
+LogDensity = Callable[[torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def has_bf16_matmul(device: torch.device | str) -> bool:
@@ -56,8 +58,6 @@ def has_bf16_matmul(device: torch.device | str) -> bool:
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return True
-LogDensity = Callable[[torch.Tensor], torch.Tensor]
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SVGDNumericalError(FloatingPointError):
