@@ -18,7 +18,9 @@ Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootst
 intervals, and the probability of improvement of each reference label over every other label
 (Agarwal et al. 2021, via ``rliable``). A verdict is "better" when the whole 95% interval of the
 probability of improvement lies above 0.5, "worse" when it lies below, "not distinguishable" otherwise,
-and none is given while either label has fewer than 3 finished runs.
+and none is given while either label has fewer than 3 finished runs. The same pairs matched by seed:
+the per-seed differences of the final scores and the exact sign-flip test of a zero mean difference
+(``scipy.stats.permutation_test``), which removes what a seed contributes to both runs.
 Runs of a task with different budgets (``collector.total_frames``) are reported as separate tasks;
 ``--at-frames N`` instead scores every run planned for at least N frames at N: its evaluation at exactly
 N frames (runs are evaluated every ``logger.eval_every_frames``), so that longer runs serve as baselines
@@ -45,6 +47,7 @@ import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics  # noqa: E402
+from scipy import stats  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -211,22 +214,64 @@ def aggregates(runs: list[Run], reps: int) -> dict[str, dict[str, tuple[float, f
     return table
 
 
-def improvements(runs: list[Run], references: list[str], reps: int) -> list[tuple[str, str, float, float, float]]:
-    """P(reference > other) on final scores, with its 95% interval, for every reference/other pair."""
+def finals_by_label(runs: list[Run]) -> dict[str, list[tuple[int, float]]]:
+    """``{label: [(seed, final score), ...]}`` over the finished runs."""
     finals = defaultdict(list)
     for run in runs:
         if run.final is not None:
-            finals[run.label].append(run.final)
-    # a reference names a label exactly, or else every label it begins
+            finals[run.label].append((run.seed, run.final))
+    return finals
+
+
+def reference_pairs(labels, references: list[str]) -> list[tuple[str, str]]:
+    """(reference, other) label pairs: a reference names a label exactly, or else every label it begins."""
     is_reference = {
-        label: any(label == r or (r not in finals and label.startswith(r)) for r in references) for label in finals
+        label: any(label == r or (r not in labels and label.startswith(r)) for r in references) for label in labels
+    }
+    return [(x, y) for x in labels if is_reference[x] for y in labels if not is_reference[y]]
+
+
+def improvements(runs: list[Run], references: list[str], reps: int) -> list[tuple[str, str, float, float, float]]:
+    """P(reference > other) on final scores, with its 95% interval, for every reference/other pair."""
+    finals = finals_by_label(runs)
+    rows = []
+    for reference, other in reference_pairs(finals, references):
+        x, y = (np.array([score for _, score in finals[label]])[:, None] for label in (reference, other))
+        point, ci = interval({"p": (x, y)}, metrics.probability_of_improvement, reps)
+        rows.append((reference, other, float(point["p"]), *map(float, ci["p"][:, 0])))
+    return rows
+
+
+def paired_differences(runs: list[Run], references: list[str]) -> list[tuple[str, str, list[int], np.ndarray, float]]:
+    """Per reference/other pair, the seeds both finished, the final-score differences ``x_s - y_s`` at those
+    seeds, and the exact two-sided p-value of the sign-flip test of a zero mean difference.
+
+    Runs with the same seed share the environments' random streams, so differencing them removes what the seed
+    alone contributes. Under the null hypothesis each difference is as likely negated; the test enumerates all
+    ``2^n`` sign patterns (``scipy.stats.permutation_test``), so with ``n`` seeds no p-value is below ``2 / 2^n``.
+    A seed with more than one run in either label pairs ambiguously and is left out.
+    """
+    by_seed = {
+        label: {seed: score for seed, score in scores if [s for s, _ in scores].count(seed) == 1}
+        for label, scores in finals_by_label(runs).items()
     }
     rows = []
-    for reference in [label for label in finals if is_reference[label]]:
-        for other in [label for label in finals if not is_reference[label]]:
-            x, y = np.array(finals[reference])[:, None], np.array(finals[other])[:, None]
-            point, ci = interval({"p": (x, y)}, metrics.probability_of_improvement, reps)
-            rows.append((reference, other, float(point["p"]), *map(float, ci["p"][:, 0])))
+    for reference, other in reference_pairs(by_seed, references):
+        seeds = sorted(set(by_seed[reference]) & set(by_seed[other]))
+        if not seeds:
+            continue
+        x, y = (np.array([by_seed[label][s] for s in seeds]) for label in (reference, other))
+        if len(seeds) == 1:  # both sign patterns are as extreme as the one seen (scipy wants two seeds)
+            rows.append((reference, other, seeds, x - y, 1.0))
+            continue
+        test = stats.permutation_test(
+            (x, y),
+            lambda a, b, axis: np.mean(a - b, axis=axis),
+            permutation_type="samples",  # swaps x_s and y_s within a seed: flips the sign of its difference
+            n_resamples=np.inf,
+            vectorized=True,
+        )
+        rows.append((reference, other, seeds, x - y, float(test.pvalue)))
     return rows
 
 
@@ -310,7 +355,9 @@ def report(
     lines += [
         "Final: the end-of-training evaluation; AUC: average over the evaluation curve. Brackets: 95% "
         f"stratified-bootstrap confidence intervals ({reps} resamples, `rliable`). Unfinished runs are listed "
-        "but not aggregated.",
+        "but not aggregated. Paired by seed: the differences between runs with the same seed (which share the "
+        "environments' random streams), and the exact two-sided sign-flip test of a zero mean difference; with n "
+        "seeds its p-value cannot fall below 2 / 2^n (0.25 at 3 seeds, 0.06 at 5).",
         "",
     ]
     for algorithm, settings in (common or {}).items():
@@ -333,6 +380,18 @@ def report(
                 counts = (table[x]["n"], table[y]["n"])
                 said = verdict(low, high) if min(counts) >= MIN_RUNS else f"none yet: {counts[0]} and {counts[1]} runs"
                 lines.append(f"| {x} > {y} | {p:.2f} [{low:.2f}, {high:.2f}] | {said} |")
+        paired = paired_differences(task_runs, references)
+        if paired:
+            lines += [
+                "",
+                "| paired by seed: X - Y, final scores | seeds | difference per seed | mean | X higher | sign-flip p |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for x, y, seeds, differences, p_value in paired:
+                lines.append(
+                    f"| {x} - {y} | {', '.join(map(str, seeds))} | {', '.join(f'{d:+.1f}' for d in differences)} "
+                    f"| {differences.mean():+.1f} | {(differences > 0).sum()} of {len(seeds)} | {p_value:.2f} |"
+                )
         lines += [
             "",
             "| label | seed | frames evaluated | final | AUC | run |",

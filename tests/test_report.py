@@ -1,5 +1,6 @@
 """report.py (statistics over run directories) and hydra multirun sweeps of the training scripts."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -189,3 +190,36 @@ def test_no_verdict_below_three_runs_per_label(tmp_path):
     fake_run(tmp_path / "runs", "s2ac", 2, [0.0, 10.0], 12.0)
     runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path / "runs"])]
     assert "| S2AC > SAC | 1.00 [1.00, 1.00] | better |" in report.report(runs, "eval/return", ["S2AC"], tmp_path, 200)
+
+
+def test_paired_differences_match_seeds_and_enumerate_every_sign_flip(tmp_path):
+    """Per-seed differences, and the sign-flip p-value against a plain enumeration of the 2^n sign patterns."""
+    scores = {"s2ac": {0: 530.0, 1: 998.0, 2: 328.0, 3: 700.0}, "sac": {0: 375.0, 1: 1046.0, 2: 296.0, 4: 10.0}}
+    for algorithm, finals in scores.items():
+        for seed, final in finals.items():
+            fake_run(tmp_path, algorithm, seed, [0.0, final], final)
+    fake_run(tmp_path / "twice", "sac", 2, [0.0, 1.0], 1.0)  # seed 2 twice in SAC: ambiguous, left out
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path])]
+    ((x, y, seeds, differences, p_value),) = report.paired_differences(runs, ["S2AC"])
+    assert (x, y, seeds) == ("S2AC", "SAC", [0, 1])
+    np.testing.assert_allclose(differences, [155.0, -48.0])
+    signs = np.array(list(itertools.product((1, -1), repeat=2)))
+    flipped = np.abs((signs * differences).mean(1))
+    assert p_value == pytest.approx((flipped >= abs(differences.mean()) - 1e-9).mean())  # here every pattern: 1
+    ((*_, seeds, _, p_value),) = report.paired_differences([r for r in runs if r.seed != 1], ["S2AC"])
+    assert (seeds, p_value) == ([0], 1.0)
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=6) * 100  # what each seed contributes to both labels
+    differences = np.array([3.0, 5.0, 4.0, 6.0, 2.0, 5.0])
+    for seed in range(6):
+        fake_run(tmp_path / "six", "s2ac", seed, [0.0], base[seed] + differences[seed])
+        fake_run(tmp_path / "six", "sac", seed, [0.0], base[seed])
+    runs = [report.load_run(d, "eval/return", []) for d in report.find_runs([tmp_path / "six"])]
+    ((_, _, seeds, found, p_value),) = report.paired_differences(runs, ["S2AC"])
+    np.testing.assert_allclose(found, differences)
+    assert p_value == pytest.approx(2 / 2**6)  # all differences positive: only the all-+ and all-- patterns
+    ((_, _, _, low, high),) = report.improvements(runs, ["S2AC"], reps=500)
+    assert report.verdict(low, high) == "not distinguishable"  # unpaired, the seeds' spread hides the shift
+    text = report.report(runs, "eval/return", ["S2AC"], tmp_path, reps=200)
+    assert "| S2AC - SAC | 0, 1, 2, 3, 4, 5 | +3.0, +5.0, +4.0, +6.0, +2.0, +5.0 | +4.2 | 6 of 6 | 0.03 |" in text
