@@ -36,7 +36,7 @@ import argparse
 import dataclasses
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -251,10 +251,10 @@ def paired_differences(runs: list[Run], references: list[str]) -> list[tuple[str
     ``2^n`` sign patterns (``scipy.stats.permutation_test``), so with ``n`` seeds no p-value is below ``2 / 2^n``.
     A seed with more than one run in either label pairs ambiguously and is left out.
     """
-    by_seed = {
-        label: {seed: score for seed, score in scores if [s for s, _ in scores].count(seed) == 1}
-        for label, scores in finals_by_label(runs).items()
-    }
+    by_seed = {}
+    for label, scores in finals_by_label(runs).items():
+        runs_per_seed = Counter(seed for seed, _ in scores)
+        by_seed[label] = {seed: score for seed, score in scores if runs_per_seed[seed] == 1}
     rows = []
     for reference, other in reference_pairs(by_seed, references):
         seeds = sorted(set(by_seed[reference]) & set(by_seed[other]))
