@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import resource
 import statistics
 import time
@@ -41,27 +40,11 @@ from torchrl_s2ac import (
     SQLLoss,
     SteinEntropy,
     SVGDActor,
+    describe_device,
     sample_truncated_normal,
 )
 
 SHAPES = {"Hopper-v5": (11, 3), "HalfCheetah-v5": (17, 6)}
-UNITS = {"AVX-512 BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its bf16 matrix units (what the bf16 score path's speed depends on)."""
-    name = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    units = [unit for unit, present in UNITS.items() if present()]
-    return f"{name} (bf16 matrix units: {', '.join(units) or 'none, bf16 emulated'})"
-
-
 def synchronize() -> None:
     """Wait for queued GPU work (kernels run asynchronously: a time without it measures the launch only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -313,7 +296,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible to torch.")
-    hardware = f"GPU: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"CPU: {cpu_model()}"
+    hardware = describe_device(device)
     repeats = 5 if args.quick else 21
     torch.manual_seed(0)
     lines = [

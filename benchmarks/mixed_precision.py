@@ -35,7 +35,7 @@ import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import s2ac  # noqa: E402
 
-from torchrl_s2ac import RBFKernel, SteinEntropy  # noqa: E402
+from torchrl_s2ac import RBFKernel, SteinEntropy, describe_device  # noqa: E402
 
 DIMS = {3: "Hopper", 6: "HalfCheetah, Walker2d", 8: "Ant", 17: "Humanoid"}
 STEP_SIZE, NUM_STEPS, NUM_PARTICLES, MAX_STEP_RATIO, INIT_STD = 0.1, 3, 10, 0.5, 0.5
@@ -200,7 +200,7 @@ def main() -> None:
     command = "python benchmarks/mixed_precision.py" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
     command += f" --threads {args.threads}" if args.threads is not None else ""
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {bench_update.cpu_model()}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_device()}",
         f"command: `{command}`",
         "",
         *update_times(args.repeats),

@@ -60,7 +60,7 @@ from torchrl.record.loggers import generate_exp_name, get_logger
 
 import checkpoint
 import torchrl_s2ac
-from torchrl_s2ac import NonFiniteError, SoftQCritic, first_non_finite
+from torchrl_s2ac import NonFiniteError, SoftQCritic, describe_device, first_non_finite
 from torchrl_s2ac.envs import until_first_done
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
@@ -646,6 +646,7 @@ def run_identity(cfg: DictConfig, algorithm: str) -> dict:
         "seed": cfg.seed,
         "group": cfg.logger.group_name or sweep_name(),  # the W&B group: by default, one per sweep
         "torch_threads": torch.get_num_threads(),
+        "machine": describe_device(network_device(cfg)),  # what the run's wall-clock time depends on
         "versions": {"torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__},
     }
 

@@ -71,6 +71,15 @@ class Run:
             return float(self.scores[0]) if len(self.scores) else float("nan")
         return float(np.trapezoid(self.scores, self.frames) / (self.frames[-1] - self.frames[0]))
 
+    @property
+    def cost(self) -> tuple[float, float] | None:
+        """Wall-clock hours the run has trained (the harness's ``elapsed_s``, summed over resumes) and its
+        frames per second over them; ``None`` for records without times."""
+        timed = [r for r in self.records if "elapsed_s" in r and r["elapsed_s"] > 0]
+        if not timed:
+            return None
+        return timed[-1]["elapsed_s"] / 3600, timed[-1]["frames"] / timed[-1]["elapsed_s"]
+
 
 def find_runs(paths: list[Path]) -> list[Path]:
     found = set()
@@ -394,14 +403,15 @@ def report(
                 )
         lines += [
             "",
-            "| label | seed | frames evaluated | final | AUC | run |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| label | seed | frames evaluated | final | AUC | wall-clock h (frames/s) | run |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in sorted(task_runs, key=lambda r: (r.label, r.seed)):
             final = f"{r.final:.1f}" if r.final is not None else "unfinished"
             reached = int(r.frames[-1]) if len(r.frames) else 0
+            cost = "" if r.cost is None else f"{r.cost[0]:.2f} ({r.cost[1]:.1f})"
             lines.append(
-                f"| {r.label} | {r.seed} | {reached:,} / {r.total_frames:,} | {final} | {r.auc:.1f} "
+                f"| {r.label} | {r.seed} | {reached:,} / {r.total_frames:,} | {final} | {r.auc:.1f} | {cost} "
                 f"| `{r.directory.parent.name}/{r.directory.name}` |"
             )
         figure = plot_curves(task, task_runs, metric, out, reps)

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "sota-implementations"))
 import report  # noqa: E402
 
+import torchrl_s2ac  # noqa: E402
+
 
 def fake_run(root: Path, algorithm: str, seed: int, curve: list[float], final: float | None, **config) -> Path:
     """A run directory as the harness writes it: .hydra/{config,hydra}.yaml and metrics.jsonl."""
@@ -54,6 +56,19 @@ def test_scores_auc_and_aggregates_against_numpy(tmp_path):
     assert (reference, other, rest) == ("S2AC", "SAC", [])
     assert p == pytest.approx(1.0)  # every S2AC score beats every SAC score
     assert report.verdict(low, high) == "better"
+
+
+def test_cost_is_the_last_timed_record_also_at_a_shorter_budget(tmp_path):
+    directory = fake_run(tmp_path, "s2ac", 0, [1.0, 2.0, 3.0], 3.0)
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    for record, elapsed in zip(records, (0.0, 400.0, 900.0, 900.0)):  # a first record before any time passed
+        record["elapsed_s"] = elapsed
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = report.load_run(directory, "eval/return", [])
+    assert run.cost == pytest.approx((900.0 / 3600, 3000 / 900.0))
+    assert report.at_budget(run, 2000).cost == pytest.approx((400.0 / 3600, 2000 / 400.0))
+    untimed = report.load_run(fake_run(tmp_path, "sac", 0, [1.0], 1.0), "eval/return", [])
+    assert untimed.cost is None
 
 
 def test_overlapping_groups_are_not_distinguishable(tmp_path):
@@ -177,6 +192,7 @@ def test_hydra_multirun_sweep_runs_each_seed_in_its_own_directory(tmp_path):
     sweep = "/".join((tmp_path / "sweep").parts[-3:])  # the W&B group of both runs
     assert [(c["algorithm"], c["seed"], c["group"]) for c in configs] == [("sac", 0, sweep), ("sac", 1, sweep)]
     assert {c["torch_threads"] for c in configs} == {max(1, os.cpu_count() // 2)}  # launcher.n_jobs = 2
+    assert {c["machine"] for c in configs} == {torchrl_s2ac.describe_device("cpu")}
 
 
 def test_no_verdict_below_three_runs_per_label(tmp_path):

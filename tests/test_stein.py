@@ -10,6 +10,7 @@ from torchrl_s2ac import (
     RBFKernel,
     SteinEntropy,
     SVGDNumericalError,
+    describe_device,
     exact_log_det,
     has_bf16_matmul,
     knn_entropy,
@@ -304,6 +305,11 @@ def test_bf16_matmul_probe_agrees_with_the_cpu_flags():
     """``has_bf16_matmul("cpu")`` holds exactly when the kernel lists AVX-512 BF16 or AMX-BF16 for this CPU."""
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert has_bf16_matmul("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+    # describe_device names the units the flags list, and says so when there are none
+    description = describe_device("cpu")
+    assert ("AMX" in description) == ("amx_bf16" in flags)
+    assert ("AVX-512 BF16" in description) == ("avx512_bf16" in flags)
+    assert description.endswith("none, bf16 emulated)") == (not {"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_score_dtype_evaluates_only_the_score_in_low_precision():

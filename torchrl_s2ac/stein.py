@@ -22,6 +22,7 @@ with (keeping the :math:`j \neq i` terms)
 from __future__ import annotations
 
 import math
+import platform
 import warnings
 from typing import Callable, NamedTuple
 
@@ -41,6 +42,7 @@ __all__ = [
     "score",
     "MIXED_PRECISION_DTYPES",
     "has_bf16_matmul",
+    "describe_device",
 ]
 
 MIXED_PRECISION_DTYPES = (None, torch.bfloat16, torch.float16)
@@ -56,8 +58,31 @@ def has_bf16_matmul(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(_cpu_bf16_units())
     return True
+
+
+_CPU_BF16_UNITS = {"AVX-512 BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
+
+
+def _cpu_bf16_units() -> list[str]:
+    return [unit for unit, present in _CPU_BF16_UNITS.items() if present()]
+
+
+def describe_device(device: torch.device | str = "cpu") -> str:
+    """The device's model and, for a CPU, its bf16 matrix units: what a timing (and the bf16 score path's speed)
+    depends on, recorded beside benchmark tables and in each training run's ``run.json``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    units = _cpu_bf16_units()
+    return f"CPU: {name} (bf16 matrix units: {', '.join(units) or 'none, bf16 emulated'})"
 
 
 class SVGDNumericalError(FloatingPointError):
