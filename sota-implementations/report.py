@@ -409,7 +409,8 @@ def report(
         for r in sorted(task_runs, key=lambda r: (r.label, r.seed)):
             final = f"{r.final:.1f}" if r.final is not None else "unfinished"
             reached = int(r.frames[-1]) if len(r.frames) else 0
-            cost = "" if r.cost is None else f"{r.cost[0]:.2f} ({r.cost[1]:.1f})"
+            cost = r.cost
+            cost = "" if cost is None else f"{cost[0]:.2f} ({cost[1]:.1f})"
             lines.append(
                 f"| {r.label} | {r.seed} | {reached:,} / {r.total_frames:,} | {final} | {r.auc:.1f} | {cost} "
                 f"| `{r.directory.parent.name}/{r.directory.name}` |"

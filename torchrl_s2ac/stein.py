@@ -75,6 +75,8 @@ def describe_device(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"GPU: {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":  # no model name to read for other backends
+        return f"device: {device}"
     name = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
