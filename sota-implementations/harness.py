@@ -59,6 +59,7 @@ from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
 import checkpoint
+import sweep
 import torchrl_s2ac
 from torchrl_s2ac import NonFiniteError, SoftQCritic, describe_device, first_non_finite
 from torchrl_s2ac.envs import until_first_done
@@ -874,18 +875,25 @@ def truncate_metrics(path: Path, frames: int) -> None:
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current update.
 
-    A second Ctrl-C interrupts at once (the default handler is back).
+    A second Ctrl-C interrupts at once (the default handler is back). In a multirun job the request
+    also stops the sweep (:func:`sweep.record_stop`), and the handler outlives the job
+    (``persist=True``): a signal that reaches a worker between two jobs stops the sweep instead of
+    killing the worker, which would make joblib end the other workers before they save.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, persist: bool = False) -> None:
         self.requested = False
+        self.persist = persist
         self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _request(self, signum, frame) -> None:
         self.requested = True
+        sweep.record_stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def restore(self) -> None:
+        if self.persist:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -936,6 +944,10 @@ def train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, Env
 
     A checkpoint that cannot be written or resumed, and non-finite data, end the program with one line.
     """
+    if sweep.stopped():  # queued in a multirun that was stopped: the sweep ends without it
+        restore_hydra_files()
+        tqdm.tqdm.write(f"{os.getcwd()} not started: its sweep was stopped", file=sys.stderr)
+        return {"started": False}
     finished = finished_result(cfg)
     if finished is not None:  # a rerun sweep skips the runs it already finished
         restore_hydra_files(warn=True)
@@ -1037,7 +1049,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         with Path("metrics.jsonl").open("a") as metrics_file:
             metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed, **metrics}) + "\n")
 
-    stop = StopRequest()
+    stop = StopRequest(persist=sweep_name() is not None)
     try:
         for data in collector if collector is not None else ():
             data = data.reshape(-1)
@@ -1117,7 +1129,10 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
 
             wandb.finish()
         tqdm.tqdm.write(f"Interrupted at {state['frames']} frames; resume with resume={os.getcwd()}", file=sys.stderr)
-        raise SystemExit(130)
+        if sweep_name() is None:
+            raise SystemExit(130)
+        # a multirun job returns: raising would make joblib end the other jobs before they save (sweep.py)
+        return {"frames": state["frames"], "updates": state["updates"], "interrupted": True}
     save()  # before the final record: a run killed in between resumes and evaluates again, never skipped unsaved
     final = evaluate(cfg, eval_env, agent.policy)
     record({**final, "final": 1})

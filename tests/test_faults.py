@@ -27,6 +27,7 @@ SCRIPTS = ROOT / "sota-implementations"
 sys.path.insert(0, str(SCRIPTS))
 import checkpoint  # noqa: E402
 import harness  # noqa: E402
+import sweep  # noqa: E402
 import test_loss  # noqa: E402
 import test_sql  # noqa: E402
 from checkpoint_helpers import CAPACITY, IDENTITY, WIDTH, fresh, load_and_verify, save, write_rows  # noqa: E402
@@ -507,6 +508,55 @@ def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tm
     assert time.time() - sent < 10
     state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
     assert state["frames"] == 40 and 0 < state["updates"] < 2000 and load_script_checkpoint(out)
+
+
+def sweep_command(out, seeds, *overrides) -> list[str]:
+    """A hydra multirun over ``seeds`` on the local joblib launcher, 2 jobs at a time, a subdirectory per seed."""
+    sweep_dir = [f"hydra.sweep.dir={out}", "hydra.sweep.subdir=seed${seed}", "hydra.launcher.n_jobs=2"]
+    tiny = [*TINY, *SCRIPT_TINY["s2ac"], *overrides]
+    return [sys.executable, str(SCRIPTS / "s2ac.py"), "-m", *sweep_dir, f"seed={seeds}", *tiny]
+
+
+def test_sigterm_to_a_local_multirun_saves_every_running_job_and_starts_no_queued_one(tmp_path):
+    """SIGTERM to the sweep's main process only: it passes the stop to its joblib workers, each saves
+    between two updates, the queued run never starts, and the same command with resume=auto continues."""
+    out = tmp_path / "sweep"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # no periodic checkpoint: the stop writes the only one; utd 100 makes the second batch's updates long
+    stopped_here = ("checkpoint.every_frames=100000", "collector.learning_starts=40", "optim.utd_ratio=100")
+    proc = subprocess.Popen(
+        sweep_command(out, "0,1,2", "collector.total_frames=100000", *stopped_here),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    running = [out / "seed0", out / "seed1"]
+    deadline = time.time() + 180
+    while time.time() < deadline and not all((run / "metrics.jsonl").exists() for run in running):
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the second batch's updates
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("Sweep stopped; its runs saved."), stderr[-3000:]
+    for run in running:
+        assert f"Interrupted at 40 frames; resume with resume={run}" in stderr, stderr[-3000:]
+        state = checkpoint.read_manifest(run / "checkpoints")[1]["state"]
+        assert state["frames"] == 40 and 0 < state["updates"] < 2000 and load_script_checkpoint(run)
+    assert f"{out / 'seed2'} not started: its sweep was stopped" in stderr
+    assert not (out / "seed2" / "metrics.jsonl").exists()
+    # The same command with resume=auto (here with the budget the stopped runs reached) ends them normally.
+    result = subprocess.run(
+        sweep_command(out, "0,1", "collector.total_frames=40", "resume=auto", *stopped_here),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert result.returncode == 0 and not (out / sweep.MARKER_NAME).exists(), result.stderr[-3000:]
+    for run in running:
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["final"] == 1
 
 
 def test_disk_full_mid_run_ends_in_one_line_and_the_run_resumes(tmpfs):
