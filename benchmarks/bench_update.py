@@ -348,6 +348,7 @@ def main() -> None:
         "S2AC / SAC eager | S2AC / SAC compiled |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    shape_times = {}
     for name, (obs_dim, act_dim) in SHAPES.items():
         data = transitions(100, obs_dim, act_dim, device)
         mixed_actor, mixed_loss = s2ac_agent(obs_dim, act_dim, device=device)
@@ -362,6 +363,7 @@ def main() -> None:
             },
             repeats,
         )
+        shape_times[name] = times
         lines.append(
             f"| {name} ({obs_dim}, {act_dim}) | {times['s2ac']:.1f} | {times['s2ac compiled']:.1f} | "
             f"{times['s2ac bf16']:.1f} | {times['sac']:.1f} | {times['sac compiled']:.1f} | "
@@ -377,6 +379,7 @@ def main() -> None:
     gflop = update_gflop(update_fn(s2ac_agent(obs_dim, act_dim, device=device)[1], data))
     fp32, bf16 = (matmul_gflops(dtype, device, repeats) for dtype in (torch.float32, torch.bfloat16))
     floor_ms = 1000 * gflop / fp32
+    sac_gflop = update_gflop(update_fn(sac_agent(obs_dim, act_dim, device=device)[1], data))
     breaks = loss_graph_breaks(eager_loss, data)
     # torch.compile's first calls (the warm-up) compile; the loss is compiled as one graph, backward and the
     # optimiser step as TorchRL's sota scripts compile them.
@@ -400,6 +403,9 @@ def main() -> None:
         f"| fp32 matmul [{rows}, {width}] @ [{width}, {cols}] | {fp32:.0f} GFLOP/s |",
         f"| bf16 matmul, same shapes | {bf16:.0f} GFLOP/s ({bf16 / fp32:.1f}x fp32) |",
         f"| fp32 floor (GFLOP / fp32 rate) | {floor_ms:.1f} ms |",
+        f"| SAC's GFLOP per update, same batch | {sac_gflop:.3f} ({gflop / sac_gflop:.0f}x fewer than S2AC) |",
+        f"| S2AC's fp32 floor against SAC's compiled update (the S2AC / SAC ratio no fp32 S2AC update "
+        f"can beat) | {floor_ms / shape_times['Hopper-v5']['sac compiled']:.1f}x |",
         f"| eager update | {times['eager']:.1f} ms ({times['eager'] / floor_ms:.1f}x the floor) |",
         f"| compiled update (torch.compile) | {times['compiled']:.1f} ms "
         f"({times['compiled'] / floor_ms:.1f}x the floor) |",
