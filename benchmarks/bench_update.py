@@ -445,6 +445,8 @@ def main() -> None:
 
     # Acting.
     compiled_actor, _ = s2ac_agent(obs_dim, act_dim, compile_acting=True, device=device)
+    compiled_bf16_actor, _ = s2ac_agent(obs_dim, act_dim, compile_acting=True, device=device)
+    compiled_bf16_actor.stein.score_dtype = torch.bfloat16  # what s2ac.score_dtype=bfloat16 acts with
     lines += [
         "",
         "## Acting (Hopper-v5 shapes), actions per second",
@@ -457,6 +459,8 @@ def main() -> None:
         ("S2AC", s2ac_actor, ExplorationType.DETERMINISTIC),
         ("S2AC, compile_acting=True", compiled_actor, ExplorationType.RANDOM),
         ("S2AC, compile_acting=True", compiled_actor, ExplorationType.DETERMINISTIC),
+        ("S2AC, compile_acting=True, bf16 score", compiled_bf16_actor, ExplorationType.RANDOM),
+        ("S2AC, compile_acting=True, bf16 score", compiled_bf16_actor, ExplorationType.DETERMINISTIC),
         ("S2AC-amortized (one network pass)", amortized_actor, ExplorationType.RANDOM),
         ("SQL (one network pass)", sql_sampler, ExplorationType.RANDOM),
         ("SAC", sac_actor, ExplorationType.RANDOM),
@@ -465,7 +469,7 @@ def main() -> None:
             rates = [n * 1000 / median_ms(act_fn(actor, obs_dim, n, device), repeats * 5) for n in (1, 8)]
             # Counted eagerly (a dispatch mode stops dynamo from compiling, and fused kernels hide products);
             # compiled acting does the same products.
-            counted = s2ac_actor if actor is compiled_actor else actor
+            counted = s2ac_actor if any(actor is c for c in (compiled_actor, compiled_bf16_actor)) else actor
             mflop = 1000 * update_gflop(act_fn(counted, obs_dim, 8, device)) / 8
         selection = {
             ExplorationType.RANDOM: "training (random particle / sample)",
