@@ -27,7 +27,8 @@ def test_docs_build_without_warnings(tmp_path):
 
 
 def test_torchrl_loop_example_runs():
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # one torch thread: pytest-xdist's other worker shares the cores
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "examples" / "s2ac_torchrl_loop.py"), "1200"],
         capture_output=True,
