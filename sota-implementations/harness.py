@@ -632,9 +632,14 @@ def make_replay_buffer(cfg: DictConfig) -> TensorDictReplayBuffer:
     return buffer
 
 
+def in_multirun() -> bool:
+    """Whether this run is a job of a hydra multirun (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def sweep_name() -> str | None:
     """``<algorithm>/<env>/<time>`` of the hydra multirun sweep this run belongs to (``None`` for a single run)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not in_multirun():
         return None
     return "/".join(Path(HydraConfig.get().runtime.output_dir).parent.parts[-3:])
 
@@ -1049,7 +1054,8 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         with Path("metrics.jsonl").open("a") as metrics_file:
             metrics_file.write(json.dumps({"frames": state["frames"], "elapsed_s": elapsed, **metrics}) + "\n")
 
-    stop = StopRequest(persist=sweep_name() is not None)
+    multirun = in_multirun()
+    stop = StopRequest(persist=multirun)
     try:
         for data in collector if collector is not None else ():
             data = data.reshape(-1)
@@ -1129,7 +1135,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
 
             wandb.finish()
         tqdm.tqdm.write(f"Interrupted at {state['frames']} frames; resume with resume={os.getcwd()}", file=sys.stderr)
-        if sweep_name() is None:
+        if not multirun:
             raise SystemExit(130)
         # a multirun job returns: raising would make joblib end the other jobs before they save (sweep.py)
         return {"frames": state["frames"], "updates": state["updates"], "interrupted": True}
@@ -1161,7 +1167,7 @@ def num_threads(cfg: DictConfig) -> int:
     if cfg.num_threads:
         return cfg.num_threads
     parallel_runs = 1
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         parallel_runs = HydraConfig.get().launcher.get("n_jobs", 1) or 1
         parallel_runs = os.cpu_count() if parallel_runs < 0 else parallel_runs  # joblib: -1 = one per core
     return max(1, (os.cpu_count() or 1) // parallel_runs)
