@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 from torchrl_s2ac import (
     RBFKernel,
@@ -298,6 +299,26 @@ def test_knn_entropy_matches_closed_forms():
 def test_truncated_normal_sampler_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(sample_truncated_normal)(torch.zeros(4, 3), torch.ones(4, 3), 10)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_truncated_normal_draws_are_fresh_per_call_and_as_eager():
+    """The inverse CDF is one opaque operator under torch.compile: two same-shaped draws in one graph (the
+    actor's and the target's particles) must stay independent, and with eager random numbers
+    (``fallback_random``) the compiled draws equal the eager ones."""
+
+    def two_draws(loc, scale):
+        return sample_truncated_normal(loc, scale, 10)[0], sample_truncated_normal(loc, scale, 10)[0]
+
+    loc, scale = torch.zeros(4, 3), torch.ones(4, 3)
+    with inductor_config.patch(fallback_random=True):
+        draws = []
+        for fn in (two_draws, torch.compile(two_draws)):
+            torch.manual_seed(0)
+            draws.append(fn(loc, scale))
+    (eager_first, eager_second), (compiled_first, compiled_second) = draws
+    assert not torch.equal(compiled_first, compiled_second)
+    torch.testing.assert_close(compiled_first, eager_first)
+    torch.testing.assert_close(compiled_second, eager_second)
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo (Linux)")

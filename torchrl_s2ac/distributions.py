@@ -14,15 +14,35 @@ from torchrl.data import Bounded
 __all__ = ["sample_truncated_normal", "TanhSquash", "knn_entropy"]
 
 
+@torch.library.custom_op("torchrl_s2ac::truncated_normal_icdf", mutates_args=())
+def truncated_normal_icdf(v: torch.Tensor, bound: float) -> torch.Tensor:
+    r"""The inverse CDF of :math:`\mathcal N(0, 1)` truncated to :math:`[-b, b]` at :math:`v \in [0, 1]`:
+    :math:`z = \Phi^{-1}(\Phi(-b) + v\,Z)` with :math:`Z = \Phi(b) - \Phi(-b)`.
+
+    One opaque operator, so that :func:`torch.compile` keeps ``z`` as a buffer: left to itself, inductor inlines
+    ``ndtri`` (a scalar loop on CPU) into every consumer of the draws and recomputes it per pair of particles
+    in the SVGD kernel matrix (a quarter of the compiled bf16 update). A pure function of ``v``; the uniform
+    draws stay outside, where the compiler treats them as random. ``v`` carries no gradient, so no backward.
+    """
+    lower_cdf = 0.5 * math.erfc(bound / math.sqrt(2))  # Phi(-b)
+    mass = math.erf(bound / math.sqrt(2))  # Z
+    tiny = torch.finfo(v.dtype).eps
+    return torch.special.ndtri((lower_cdf + v * mass).clamp(tiny, 1 - tiny)).clamp(-bound, bound)
+
+
+@truncated_normal_icdf.register_fake
+def _(v: torch.Tensor, bound: float) -> torch.Tensor:
+    return torch.empty_like(v)
+
+
 def sample_truncated_normal(
     loc: torch.Tensor, scale: torch.Tensor, num_samples: int, bound: float = 3.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Draw ``num_samples`` particles from :math:`\mathcal N(\mu, \mathrm{diag}\,\sigma^2)`
     truncated to :math:`\mu \pm \text{bound}\cdot\sigma`, by inverse-CDF (no rejection).
 
-    Reparameterised: :math:`u = \mu + \sigma z` with :math:`z = \Phi^{-1}(\Phi(-b) + v\,Z)`,
-    :math:`v \sim U(0, 1)`, :math:`b` the bound and :math:`Z = \Phi(b) - \Phi(-b)`, so gradients
-    reach ``loc`` and ``scale``. The constants are Python floats: no host synchronisation and no
+    Reparameterised: :math:`u = \mu + \sigma z` with :math:`z` the :func:`truncated_normal_icdf` of
+    :math:`v \sim U(0, 1)`, so gradients reach ``loc`` and ``scale``. The bounds are Python floats: no host synchronisation and no
     graph break under :func:`torch.compile` (TorchRL's ``TruncatedStandardNormal`` checks its
     bounds with ``.tolist()``).
 
@@ -36,12 +56,10 @@ def sample_truncated_normal(
     """
     if loc.shape != scale.shape:
         raise ValueError(f"loc and scale must have the same shape, got {tuple(loc.shape)} and {tuple(scale.shape)}.")
-    lower_cdf = 0.5 * math.erfc(bound / math.sqrt(2))  # Phi(-b)
-    mass = math.erf(bound / math.sqrt(2))  # Z
-    tiny = torch.finfo(loc.dtype).eps
     v = torch.rand((*loc.shape[:-1], num_samples, loc.shape[-1]), dtype=loc.dtype, device=loc.device)
-    z = torch.special.ndtri((lower_cdf + v * mass).clamp(tiny, 1 - tiny)).clamp(-bound, bound)
+    z = truncated_normal_icdf(v, bound)
     loc, scale = loc.unsqueeze(-2), scale.unsqueeze(-2)
+    mass = math.erf(bound / math.sqrt(2))
     log_standard = -0.5 * z.square() - 0.5 * math.log(2 * math.pi) - math.log(mass)
     log_q0 = (log_standard - scale.log()).sum(-1)
     return loc + scale * z, log_q0
