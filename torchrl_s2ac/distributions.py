@@ -42,9 +42,9 @@ def sample_truncated_normal(
     truncated to :math:`\mu \pm \text{bound}\cdot\sigma`, by inverse-CDF (no rejection).
 
     Reparameterised: :math:`u = \mu + \sigma z` with :math:`z` the :func:`truncated_normal_icdf` of
-    :math:`v \sim U(0, 1)`, so gradients reach ``loc`` and ``scale``. The bounds are Python floats: no host synchronisation and no
-    graph break under :func:`torch.compile` (TorchRL's ``TruncatedStandardNormal`` checks its
-    bounds with ``.tolist()``).
+    :math:`v \sim U(0, 1)`, so gradients reach ``loc`` and ``scale``. The bounds are Python floats: no host
+    synchronisation and no graph break under :func:`torch.compile` (TorchRL's ``TruncatedStandardNormal`` checks
+    its bounds with ``.tolist()``).
 
     Args:
         loc, scale: ``[*batch, d]``.
