@@ -45,6 +45,8 @@ from torchrl_s2ac import (
 )
 
 SHAPES = {"Hopper-v5": (11, 3), "HalfCheetah-v5": (17, 6)}
+
+
 def synchronize() -> None:
     """Wait for queued GPU work (kernels run asynchronously: a time without it measures the launch only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -57,6 +59,20 @@ def timed(fn) -> float:
     fn()
     synchronize()
     return time.perf_counter() - start
+
+
+class Report(list):
+    """Markdown lines, each printed as it is added: a long run shows its tables as they are measured, and a run
+    stopped early (a time limit on a borrowed GPU) keeps what it measured."""
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        print(line, flush=True)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -299,7 +315,8 @@ def main() -> None:
     hardware = describe_device(device)
     repeats = 5 if args.quick else 21
     torch.manual_seed(0)
-    lines = [
+    lines = Report()
+    lines += [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}",
         f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py"
         f"{' --quick' if args.quick else ''}"
@@ -513,11 +530,9 @@ def main() -> None:
         "process's first update raises its resident high-water mark (Adam's state included).",
         f"Peak resident memory of the whole benchmark process: {peak_mb:.0f} MB.",
     ]
-    report = "\n".join(lines)
-    print(report)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(report + "\n")
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -517,20 +517,20 @@ def make_env(
     cfg: DictConfig,
     num_envs: int,
     from_pixels: bool = False,
-    device: torch.device | None = None,
     evaluation: bool = False,
 ) -> TransformedEnv:
-    """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms.
+    """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms, on
+    the CPU whatever the policy's device (collectors and rollouts move the data across: TorchRL's reset logic
+    fails for a batch of CPU envs cast to a GPU).
 
-    ``device``: where the env's outputs are placed (the policy's device for evaluation). A
-    :class:`NonFiniteGuard` sees each step first; it raises in ``evaluation`` envs when
+    A :class:`NonFiniteGuard` sees each step first; it raises in ``evaluation`` envs when
     ``collector.non_finite=raise`` and flags non-finite steps otherwise.
     """
     creator = EnvCreator(functools.partial(_base_env, cfg, from_pixels))
     if cfg.env.parallel:
-        batched = ParallelEnv(num_envs, creator, serial_for_single=True, device=device)
+        batched = ParallelEnv(num_envs, creator, serial_for_single=True)
     else:
-        batched = SerialEnv(num_envs, creator, device=device)
+        batched = SerialEnv(num_envs, creator)
     return TransformedEnv(
         batched,
         Compose(
@@ -601,7 +601,10 @@ def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frame
         frames_per_batch=c.frames_per_batch,
         total_frames=total_frames,
         init_random_frames=init_random_frames,
-        device=collector_device(cfg),
+        # The policy and the collected batches on the collector's device; the envs step on the CPU (make_env).
+        env_device=torch.device("cpu"),
+        policy_device=collector_device(cfg),
+        storing_device=collector_device(cfg),
         exploration_type=ExplorationType.RANDOM,
     )
     if c.backend != "ray":
@@ -774,7 +777,9 @@ def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
 def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
     """Mean return over ``logger.eval_episodes`` episodes, deterministic action selection."""
     with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        rollout = eval_env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+        rollout = eval_env.rollout(
+            cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True
+        )
     reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
     returns = (reward * until_first_done(rollout)).sum(-1)
     metrics = {
@@ -803,7 +808,7 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
     )
     env.set_seed(cfg.seed)
     with set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
     hits = goal_hits(env.goals, rollout).float()  # [episodes, goals]
     returns = (rollout.get(("next", "reward")).squeeze(-1) * until_first_done(rollout)).sum(-1)
     metrics = {"eval/goals_reached": float(hits.any(0).sum()), "eval/explore_return": returns.mean().item()}
@@ -812,9 +817,7 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
 
 
 def make_eval_env(cfg: DictConfig, logger) -> EnvBase:
-    env = make_env(
-        cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video), device=network_device(cfg), evaluation=True
-    )
+    env = make_env(cfg, cfg.logger.eval_episodes, from_pixels=bool(cfg.logger.video), evaluation=True)
     if cfg.logger.video:
         env.append_transform(VideoRecorder(logger, tag="eval/video", in_keys=["pixels"]))
     return env

@@ -111,6 +111,14 @@ def test_partial_reset_keeps_other_envs():
     torch.testing.assert_close(rollout["observation"][1, 7], torch.tensor([0.7, 0.7]))
 
 
+@pytest.mark.parametrize("obstacle", [False, True])
+def test_to_moves_the_goals_and_the_wall_with_the_specs(obstacle):
+    # A collector's env_device casts the env with .to(): the layout must follow (here to the meta device).
+    env = MultiGoalEnv(obstacle=obstacle).to("meta")
+    layout = [env.goals] + ([env.wall] if obstacle else [])
+    assert env.device.type == "meta" and all(t.device.type == "meta" for t in layout)
+
+
 def test_bad_layout():
     with pytest.raises(ValueError, match="layout"):
         MultiGoalEnv(layout="five_goals")

@@ -121,6 +121,20 @@ def test_every_parameter_and_buffer_follows_to(critic_kind):
     assert all(t.device.type == "meta" for t in actor.state_dict().values())
 
 
+@pytest.mark.parametrize("build", ["s2ac", "sql"])
+def test_a_loss_built_from_modules_on_a_device_keeps_everything_there(build):
+    # Users build the loss from modules already moved (to a GPU; here the meta device) and never move the loss
+    # itself: what the loss and make_value_estimator create (gamma among them) must land beside the parameters.
+    if build == "s2ac":
+        loss = S2ACLoss(make_actor().to("meta"), fixed_alpha=False, alpha_init=0.2)  # no .item() on meta
+    else:
+        sampler = AmortizedSampler(SPEC, OBS, num_cells=[8]).to("meta")
+        loss = SQLLoss(sampler, SoftQCritic(OBS, ACT, num_cells=(16,)).to("meta"))
+    loss.make_value_estimator(gamma=0.9)
+    stray = [name for name, tensor in loss.state_dict().items() if tensor.device.type != "meta"]
+    assert "_value_estimator.gamma" in loss.state_dict() and not stray, stray
+
+
 def s2ac_loss(amortized=False, fixed_alpha=False):
     sampler = AmortizedSampler(SPEC, OBS, num_cells=[8]) if amortized else None
     loss = S2ACLoss(make_actor(amortized_sampler=sampler), fixed_alpha=fixed_alpha)

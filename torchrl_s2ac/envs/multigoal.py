@@ -79,9 +79,11 @@ class MultiGoalEnv(EnvBase):
         super().__init__(batch_size=torch.Size(batch_size), device=device)
         self.layout, self.obstacle, self.max_steps = layout, obstacle, max_steps
         self.goal_radius, self.init_noise = goal_radius, init_noise
-        self.generator = torch.Generator(device=self.device)
-        self.goals = torch.tensor(LAYOUTS[layout], device=self.device)
-        self.wall = torch.tensor(OBSTACLES[layout], device=self.device) if obstacle else None
+        self.generator = torch.Generator()  # start noise is drawn on the CPU: the same starts on every device
+        # Buffers, so that ``env.to(device)`` (a collector's ``env_device``) moves them with the specs.
+        self.register_buffer("goals", torch.tensor(LAYOUTS[layout], device=self.device), persistent=False)
+        wall = torch.tensor(OBSTACLES[layout], device=self.device) if obstacle else None
+        self.register_buffer("wall", wall, persistent=False)
         shape = self.batch_size
         self.observation_spec = Composite(
             observation=Bounded(-BOUND, BOUND, (*shape, 2), device=self.device),
@@ -98,7 +100,7 @@ class MultiGoalEnv(EnvBase):
         shape = self.batch_size
         start = torch.zeros(*shape, 2, device=self.device)
         if self.init_noise:
-            start = start + self.init_noise * torch.randn(start.shape, generator=self.generator, device=self.device)
+            start = start + self.init_noise * torch.randn(start.shape, generator=self.generator).to(self.device)
         return TensorDict(
             {
                 "observation": start,

@@ -167,6 +167,9 @@ class SoftQCriticLoss(LossModule):
             value_network=None,
             **hp,
         )
+        # With no value network TD(0) builds gamma on the CPU: keep it beside the parameters (a loss built from
+        # modules already on a GPU is never moved, and a CPU scalar cannot enter a CUDA graph).
+        self._value_estimator.to(next(self.parameters()).device)
         return self
 
     def _set_in_keys(self) -> None:
