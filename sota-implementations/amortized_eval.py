@@ -32,7 +32,7 @@ def play(cfg, policy, exploration: ExplorationType, episodes: int, seed: int) ->
     env.set_seed(seed)
     start = time.perf_counter()
     with set_exploration_type(exploration), torch.no_grad():
-        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
     milliseconds = 1000 * (time.perf_counter() - start) / rollout.shape[-1]
     env.close()
     reward = rollout.get(("next", "reward")).squeeze(-1)

@@ -106,7 +106,7 @@ def test_episodes(policy, cfg: DictConfig, obstacle: bool):
     env = MultiGoalEnv(**{**harness.multigoal_kwargs(cfg), "obstacle": obstacle}, batch_size=(TEST_EPISODES,))
     start = time.perf_counter()
     with set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
     seconds = time.perf_counter() - start
     alive = until_first_done(rollout)
     returns = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1)
