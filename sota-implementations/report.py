@@ -291,23 +291,44 @@ def verdict(low: float, high: float) -> str:
     return "better" if low > 0.5 else "worse" if high < 0.5 else "not distinguishable"
 
 
+def finished_curves(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation points all finished runs share, and each finished run's scores there, ``[runs, points]``
+    (empty when none finished): an unfinished run neither shortens nor enters the mean curve."""
+    finished = [r for r in runs if r.final is not None]
+    if not finished:
+        return np.array([]), np.empty((0, 0))
+    grid = np.array(sorted(set.intersection(*(set(r.frames.tolist()) for r in finished))))
+    return grid, np.stack([np.interp(grid, r.frames, r.scores) for r in finished])
+
+
 def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -> Path:
+    """Per label the mean curve and its 95% bootstrap band over the finished runs (those the tables aggregate),
+    at the evaluation points they share; each unfinished run as a thin dashed line of the same colour."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_label = defaultdict(list)
     for run in runs:
         by_label[run.label].append(run)
-    for label, group in sorted(by_label.items()):
-        grid = np.array(sorted(set.intersection(*(set(r.frames.tolist()) for r in group))))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for (label, group), color in zip(sorted(by_label.items()), colors):
+        finished = [r for r in group if r.final is not None]
+        for run in (r for r in group if r.final is None):
+            ax.plot(run.frames, run.scores, color=color, lw=0.8, ls="--", alpha=0.6)
+        grid, curves = finished_curves(group)
         if not len(grid):
             continue
-        curves = np.stack([np.interp(grid, r.frames, r.scores) for r in group])  # [runs, points]
-        if len(group) > 1:
+        if len(finished) > 1:
             point, ci = interval({"c": curves}, lambda x: x.mean(0), reps)
             mean, low, high = point["c"], ci["c"][0], ci["c"][1]
-            ax.fill_between(grid, low, high, alpha=0.2)
+            ax.fill_between(grid, low, high, color=color, alpha=0.2)
         else:
             mean = curves[0]
-        ax.plot(grid, mean, label=f"{label} (n={len(group)})")
+        unfinished = len(group) - len(finished)
+        ax.plot(
+            grid,
+            mean,
+            color=color,
+            label=f"{label} (n={len(finished)}" + (f", +{unfinished} unfinished)" if unfinished else ")"),
+        )
     ax.set_title(f"{task}: {metric} (mean, 95% bootstrap CI over seeds)")
     ax.set_xlabel("environment frames")
     ax.set_ylabel(metric)

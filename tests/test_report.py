@@ -52,6 +52,10 @@ def test_scores_auc_and_aggregates_against_numpy(tmp_path):
         assert low <= mean <= high and low >= values.min() and high <= values.max()
         # IQM of 4 runs: the mean of the middle two
         assert table[label]["iqm"][0] == pytest.approx(np.sort(values)[1:3].mean())
+    # The SAC curve: the finished runs' mean at their shared points, not cut short by the unfinished run
+    grid, curves = report.finished_curves([r for r in runs if r.label == "SAC"])
+    np.testing.assert_array_equal(grid, [1000, 2000, 3000])
+    np.testing.assert_allclose(curves.mean(0), [0.0, np.mean(finals["sac"]) / 2, np.mean(finals["sac"])])
     (reference, other, p, low, high), *rest = report.improvements(runs, ["S2AC"], reps=2000)
     assert (reference, other, rest) == ("S2AC", "SAC", [])
     assert p == pytest.approx(1.0)  # every S2AC score beats every SAC score
