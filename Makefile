@@ -51,12 +51,16 @@ EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 S2AC_SCORE ?= null
 HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
 	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'
+# What the report plots beside the returns: the entropy (S2AC's closed form, SAC's sample estimate), q0's sigma
+# (mean and batch minimum: its collapse), the share of states whose SVGD step was capped, the Q scale.
+HOPPER_DIAGNOSTICS := train/entropy train/init_scale_mean train/init_scale_min train/svgd_capped_fraction \
+	train/q_mean train/grad_norm_critic
 hopper: $(STAMP)
 	$(PY) sota-implementations/s2ac.py -m $(HOPPER) compile.compile=true s2ac.score_dtype=$(S2AC_SCORE) \
 		hydra.sweep.dir=results/hopper_100k/s2ac
 	$(PY) sota-implementations/sac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/sac
 	$(PY) sota-implementations/sql.py -m $(HOPPER) +experiment=sql_mujoco_haarnoja hydra.sweep.dir=results/hopper_100k/sql
-	$(PY) sota-implementations/report.py results/hopper_100k
+	$(PY) sota-implementations/report.py results/hopper_100k --diagnostics $(HOPPER_DIAGNOSTICS)
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting
 # changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun
