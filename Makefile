@@ -52,7 +52,8 @@ S2AC_SCORE ?= null
 HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
 	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'
 # What the report plots beside the returns: the entropy (S2AC's closed form, SAC's sample estimate), q0's sigma
-# (mean and batch minimum: its collapse), the share of states whose SVGD step was capped, the Q scale.
+# (mean and batch minimum: its collapse), the share of states whose SVGD step was capped, the Q scale and the
+# critic's gradient norm.
 HOPPER_DIAGNOSTICS := train/entropy train/init_scale_mean train/init_scale_min train/svgd_capped_fraction \
 	train/q_mean train/grad_norm_critic
 hopper: $(STAMP)

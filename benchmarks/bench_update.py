@@ -62,12 +62,21 @@ def timed(fn) -> float:
 
 
 class Report(list):
-    """Markdown lines, each printed as it is added: a long run shows its tables as they are measured, and a run
-    stopped early (a time limit on a borrowed GPU) keeps what it measured."""
+    """Markdown lines, each printed (and appended to ``out``, when given) as it is added: a long run shows its
+    tables as they are measured, and a run stopped early (a time limit on a borrowed GPU) keeps what it measured."""
+
+    def __init__(self, out: str | None = None) -> None:
+        super().__init__()
+        self.out = out
+        if out:
+            open(out, "w").close()
 
     def append(self, line: str) -> None:
         super().append(line)
         print(line, flush=True)
+        if self.out:
+            with open(self.out, "a") as f:
+                f.write(line + "\n")
 
     def __iadd__(self, lines):
         for line in lines:
@@ -315,7 +324,7 @@ def main() -> None:
     hardware = describe_device(device)
     repeats = 5 if args.quick else 21
     torch.manual_seed(0)
-    lines = Report()
+    lines = Report(args.out)
     lines += [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware}",
         f"median over {repeats} repetitions after warm-up; command: `python benchmarks/bench_update.py"
@@ -530,9 +539,6 @@ def main() -> None:
         "process's first update raises its resident high-water mark (Adam's state included).",
         f"Peak resident memory of the whole benchmark process: {peak_mb:.0f} MB.",
     ]
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ same weights:
    (``torch.cuda.set_sync_debug_mode``, with the once-per-call finite check and warning turned off);
 3. the S2AC loss outputs and every gradient match the CPU for the same batch (the initial particles are
    drawn on the CPU for both, so the two runs see the same randomness); then a few timed updates;
-4. acting through a TorchRL ``Collector`` with the policy on the device, and a weight sync;
-5. the scripts' update (``harness.make_update``) compiled (``compile.compile``) and captured in a CUDA graph
-   (``compile.cudagraphs``) gives finite losses, with its time per update;
+4. acting through a TorchRL ``Collector`` with the policy on the device (the env cast there, or on the CPU as
+   the scripts run it), and a weight sync;
+5. the scripts' update (``harness.make_update``) eager, compiled (``compile.compile``), captured in a CUDA graph
+   (``compile.cudagraphs``) and both gives finite losses, with its time per update;
 6. ``s2ac.py`` (compiled update in a CUDA graph) and ``sql.py`` train and evaluate a few hundred Hopper frames
    with ``network.device`` on the GPU (skipped without mujoco).
 
@@ -163,27 +164,37 @@ def loss_parity(cpu: S2ACLoss, gpu: S2ACLoss, device: torch.device) -> bool:
 
 
 def acting(device: torch.device) -> bool:
-    env = TransformedEnv(MultiGoalEnv(max_steps=10), InitTracker())
-    critic = SoftQCritic(2, 2, num_cells=(32,))
-    policy = SVGDActor(env.action_spec, critic, num_particles=8, num_cells=(32,), warn_ratio=None).to(device)
-    collector = Collector(env, policy, frames_per_batch=20, total_frames=40, device=device)
-    try:
-        shapes = []
-        for data in collector:
-            shapes.append(tuple(data["action"].shape))
-            collector.update_policy_weights_()
-    finally:
-        collector.shutdown()
-    return report("acting in a Collector on the device, with weight syncs", shapes == [(20, 2), (20, 2)], str(shapes))
+    """A Collector acting with the policy on the device: the env cast there too (``device=``), and the env on the
+    CPU with the policy on the device (as the scripts collect)."""
+    ok = True
+    for name, devices in (
+        ("env on the device", {"device": device}),
+        ("env on the CPU", {"env_device": "cpu", "policy_device": device, "storing_device": device}),
+    ):
+        env = TransformedEnv(MultiGoalEnv(max_steps=10, device="cpu"), InitTracker())
+        critic = SoftQCritic(2, 2, num_cells=(32,))
+        policy = SVGDActor(env.action_spec, critic, num_particles=8, num_cells=(32,), warn_ratio=None).to(device)
+        collector = Collector(env, policy, frames_per_batch=20, total_frames=40, **devices)
+        try:
+            shapes = []
+            for data in collector:
+                shapes.append(tuple(data["action"].shape))
+                collector.update_policy_weights_()
+        finally:
+            collector.shutdown()
+        name = f"acting in a Collector, policy on the device and {name}, with weight syncs"
+        ok = report(name, shapes == [(20, 2), (20, 2)], str(shapes)) and ok
+    return ok
 
 
 def scripts_update(device: torch.device, updates: int) -> bool:
-    """The update as ``compile.compile=true`` and ``compile.cudagraphs=true`` build it in the scripts."""
+    """The scripts' update (``harness.make_update``: loss, backward, Adam, target update), eager, compiled
+    (``compile.compile=true``), captured (``compile.cudagraphs=true``) and both, with its time per update."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sota-implementations"))
     import harness
 
     ok = True
-    for compiled, cudagraphs in ((True, False), (False, True), (True, True)):
+    for compiled, cudagraphs in ((False, False), (True, False), (False, True), (True, True)):
         # Fresh batches per variant: the loss writes its td_error into the batch, and a CUDA graph's outputs are
         # overwritten by its next replay.
         data = [batch(torch.Generator().manual_seed(4)).to(device) for _ in range(updates)]
@@ -196,6 +207,8 @@ def scripts_update(device: torch.device, updates: int) -> bool:
         optimizer = group_optimizers(*agent.optimizers.values())
         update = harness.make_update(cfg, agent, optimizer, SoftUpdate(loss, eps=0.995))
         outs = [update(d) for d in data[: updates // 2]]  # warm-up: compilation, graph capture
+        if not (compiled or cudagraphs):  # the eager update runs the sampler's checks: off, as when compiled
+            loss.actor_network.stein.check_finite, loss.actor_network.stein.warn_ratio = False, None
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         outs += [update(d) for d in data[updates // 2 :]]
@@ -226,9 +239,15 @@ def scripts_training(device: torch.device) -> bool:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             command = [sys.executable, str(scripts / f"{script}.py"), f"hydra.run.dir={out}", *tiny, *extra]
-            result = subprocess.run(command, capture_output=True, text=True)
+            try:  # a hang must not use up a borrowed GPU's time
+                result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                report(f"{script}.py trains and evaluates", False, "no end within 300 s")
+                ok = False
+                continue
             seconds = time.perf_counter() - start
-            evaluations = 0 if result.returncode else Path(out, "metrics.jsonl").read_text().count('"eval/return"')
+            metrics = Path(out, "metrics.jsonl")
+            evaluations = metrics.read_text().count('"eval/return"') if metrics.is_file() else 0
             errors = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
             detail = errors[-1] if result.returncode else f"{evaluations} evaluations, {seconds:.0f} s"
             name = f"{script}.py trains and evaluates ({' '.join(extra) or 'eager update'})"
@@ -257,7 +276,9 @@ def main() -> int:
     ok = acting(device) and ok
     ok = scripts_update(device, args.updates) and ok
     ok = scripts_training(device) and ok
-    print(f"time per update: cpu {1000 * cpu_time:.1f} ms, {device} {1000 * gpu_time:.1f} ms")
+    print(
+        f"eager loss + Adam step (sampler checks on): cpu {1000 * cpu_time:.1f} ms, {device} {1000 * gpu_time:.1f} ms"
+    )
     return 0 if ok else 1
 
 

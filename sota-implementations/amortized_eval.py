@@ -32,7 +32,7 @@ def play(cfg, policy, exploration: ExplorationType, episodes: int, seed: int) ->
     env.set_seed(seed)
     start = time.perf_counter()
     with set_exploration_type(exploration), torch.no_grad():
-        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     milliseconds = 1000 * (time.perf_counter() - start) / rollout.shape[-1]
     env.close()
     reward = rollout.get(("next", "reward")).squeeze(-1)
@@ -48,6 +48,7 @@ def main() -> None:
     cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
     if not cfg.s2ac.get("amortized", False):
         raise SystemExit(f"{args.run_dir} was trained without s2ac.amortized=true: there is no sampler to compare.")
+    OmegaConf.update(cfg, "network.device", "cpu", force_add=True)  # acting timed on the CPU, beside its envs
     agent = s2ac.make_agent(cfg, harness.env_specs(cfg))
     counters = checkpoint.load_weights(args.run_dir / "checkpoints", agent.loss)
     actor, sampler = agent.policy, agent.policy.amortized_sampler

@@ -520,17 +520,18 @@ def make_env(
     evaluation: bool = False,
 ) -> TransformedEnv:
     """``num_envs`` copies stepped together (``ParallelEnv`` when ``env.parallel``), with the usual transforms, on
-    the CPU whatever the policy's device (collectors and rollouts move the data across: TorchRL's reset logic
-    fails for a batch of CPU envs cast to a GPU).
+    the CPU whatever the policy's device: collectors and rollouts (``auto_cast_to_device``) move observations to
+    the policy and actions back, which needs the env's device set (TorchRL's reset logic fails for a batch of
+    CPU envs cast to a GPU).
 
     A :class:`NonFiniteGuard` sees each step first; it raises in ``evaluation`` envs when
     ``collector.non_finite=raise`` and flags non-finite steps otherwise.
     """
     creator = EnvCreator(functools.partial(_base_env, cfg, from_pixels))
     if cfg.env.parallel:
-        batched = ParallelEnv(num_envs, creator, serial_for_single=True)
+        batched = ParallelEnv(num_envs, creator, serial_for_single=True, device="cpu")
     else:
-        batched = SerialEnv(num_envs, creator)
+        batched = SerialEnv(num_envs, creator, device="cpu")
     return TransformedEnv(
         batched,
         Compose(
@@ -566,12 +567,13 @@ def device(value: str | None) -> torch.device:
 
 
 def network_device(cfg: DictConfig) -> torch.device:
-    """Where the models, the loss, the sampled batches and evaluation live (``network.device``)."""
+    """Where the models, the loss and the sampled batches live, and evaluation acts (``network.device``)."""
     return device(cfg.network.get("device"))  # absent from configs saved before the option existed
 
 
 def collector_device(cfg: DictConfig) -> torch.device:
-    """Where the collector runs the policy (``collector.device``; null: ``network.device``)."""
+    """Where the collector runs the policy and stores what it collects (``collector.device``; null:
+    ``network.device``)."""
     return device(cfg.collector.device or cfg.network.get("device"))
 
 
@@ -803,7 +805,7 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
     from torchrl_s2ac.envs import MultiGoalEnv, goal_hits
 
     env = TransformedEnv(
-        MultiGoalEnv(**multigoal_kwargs(cfg), batch_size=(cfg.env.coverage_episodes,)),
+        MultiGoalEnv(**multigoal_kwargs(cfg), batch_size=(cfg.env.coverage_episodes,), device="cpu"),
         NonFiniteGuard(evaluation_guard(cfg)),
     )
     env.set_seed(cfg.seed)

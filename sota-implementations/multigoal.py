@@ -88,6 +88,7 @@ def discover(paths: list[Path], layout: str) -> list[MultiGoalRun]:
 
 
 def load_agent(run: MultiGoalRun):
+    OmegaConf.update(run.cfg, "network.device", "cpu", force_add=True)  # the report runs on the CPU, as its envs
     agent = importlib.import_module(run.algorithm).make_agent(run.cfg, harness.env_specs(run.cfg))
     checkpoint.load_weights(run.directory / "checkpoints", agent.loss)
     return agent
@@ -106,7 +107,7 @@ def test_episodes(policy, cfg: DictConfig, obstacle: bool):
     env = MultiGoalEnv(**{**harness.multigoal_kwargs(cfg), "obstacle": obstacle}, batch_size=(TEST_EPISODES,))
     start = time.perf_counter()
     with set_exploration_type(ExplorationType.RANDOM):
-        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
+        rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     seconds = time.perf_counter() - start
     alive = until_first_done(rollout)
     returns = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1)

@@ -310,25 +310,21 @@ def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -
         by_label[run.label].append(run)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
     for (label, group), color in zip(sorted(by_label.items()), colors):
-        finished = [r for r in group if r.final is not None]
-        for run in (r for r in group if r.final is None):
-            ax.plot(run.frames, run.scores, color=color, lw=0.8, ls="--", alpha=0.6)
         grid, curves = finished_curves(group)
+        unfinished = [r for r in group if r.final is None]
+        for k, run in enumerate(unfinished):
+            name = f"{label} ({len(unfinished)} unfinished)" if not len(grid) and k == 0 else None
+            ax.plot(run.frames, run.scores, color=color, lw=0.8, ls="--", alpha=0.6, label=name)
         if not len(grid):
             continue
-        if len(finished) > 1:
+        if len(curves) > 1:
             point, ci = interval({"c": curves}, lambda x: x.mean(0), reps)
             mean, low, high = point["c"], ci["c"][0], ci["c"][1]
             ax.fill_between(grid, low, high, color=color, alpha=0.2)
         else:
             mean = curves[0]
-        unfinished = len(group) - len(finished)
-        ax.plot(
-            grid,
-            mean,
-            color=color,
-            label=f"{label} (n={len(finished)}" + (f", +{unfinished} unfinished)" if unfinished else ")"),
-        )
+        count = f"n={len(curves)}" + (f", +{len(unfinished)} unfinished" if unfinished else "")
+        ax.plot(grid, mean, color=color, label=f"{label} ({count})")
     ax.set_title(f"{task}: {metric} (mean, 95% bootstrap CI over seeds)")
     ax.set_xlabel("environment frames")
     ax.set_ylabel(metric)

@@ -264,6 +264,14 @@ def test_env_guard_flags_for_the_training_loop_or_raises_in_evaluation(monkeypat
         harness.make_env(cfg, 1, evaluation=True).rollout(6, break_when_any_done=False)
 
 
+def test_training_and_evaluation_envs_say_they_are_on_the_cpu():
+    # A rollout moves actions from a policy on another device (a GPU) back only to an env with a device set;
+    # with none, the actions stay on the GPU and the CPU env's transforms fail (seen on an H200).
+    cfg = config("s2ac", ["env=multigoal"])
+    for evaluation in (False, True):
+        assert harness.make_env(cfg, 2, evaluation=evaluation).device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("loss_name", ["S2ACLoss", "SQLLoss"])
 @pytest.mark.parametrize(
     "key,name",

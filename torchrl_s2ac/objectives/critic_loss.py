@@ -153,6 +153,9 @@ class SoftQCriticLoss(LossModule):
         value_type, hp = self._prepare_value_estimator_kwargs(value_type, **hyperparams)
         if value_type is None:
             return self
+        # With no value network, TD(0) builds gamma on the CPU and swaps in a copy on the data's device at its
+        # first call: build it beside the parameters instead (a device given by the caller wins).
+        hp.setdefault("device", self._default_device)
         dispatch_value_estimator(
             self,
             value_type,
@@ -167,9 +170,6 @@ class SoftQCriticLoss(LossModule):
             value_network=None,
             **hp,
         )
-        # With no value network TD(0) builds gamma on the CPU: keep it beside the parameters (a loss built from
-        # modules already on a GPU is never moved, and a CPU scalar cannot enter a CUDA graph).
-        self._value_estimator.to(next(self.parameters()).device)
         return self
 
     def _set_in_keys(self) -> None:
