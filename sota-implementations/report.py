@@ -339,7 +339,12 @@ def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -
 
 def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> Path:
     """One panel per logged training metric: every run as a thin line, the mean over a label's runs bold."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    axes = axes.reshape(1, -1)  # the panels in reading order
     colors = dict(zip(sorted({r.label for r in runs}), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10))
     for ax, key in zip(axes[0], keys):
         for label, color in colors.items():
@@ -363,7 +368,7 @@ def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> 
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(list(handles.values()), list(handles), fontsize=7, loc="lower center", ncol=min(len(handles), 4))
     fig.suptitle(f"{task}: training diagnostics")
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))  # room for the legend below
     path = out / f"diagnostics_{slug(task)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
