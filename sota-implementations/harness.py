@@ -157,6 +157,7 @@ COMMON_KINDS = {
     "logger.eval_episodes": "int",
     "logger.log_every_frames": "int",
     "logger.video": "bool",
+    "logger.eval_stochastic": "bool",
     "checkpoint.every_frames": "int",
     "num_threads": "int",
     "network.num_qvalue_nets": "int",
@@ -338,6 +339,7 @@ RESTART_FREE_KEYS = (
     "logger.project_name",
     "logger.group_name",
     "logger.video",
+    "logger.eval_stochastic",
 )
 
 
@@ -777,19 +779,25 @@ def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
 
 
 def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
-    """Mean return over ``logger.eval_episodes`` episodes, deterministic action selection."""
-    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        rollout = eval_env.rollout(
-            cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True
-        )
-    reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
-    returns = (reward * until_first_done(rollout)).sum(-1)
-    metrics = {
-        "eval/return": returns.mean().item(),
-        "eval/return_std": returns.std().item() if returns.numel() > 1 else 0.0,
-    }
-    if cfg.logger.video:
-        eval_env.transform.dump()
+    """Mean return over ``logger.eval_episodes`` episodes: ``eval/return`` with the deterministic action selection
+    (SAC's Gaussian mean, S2AC's ``s2ac.eval_selection``) and, with ``logger.eval_stochastic``,
+    ``eval/return_stochastic`` with the exploring one (SAC's sampled action, S2AC's ``s2ac.train_selection``,
+    SQL's sampler): S2AC's argmax-Q particle can score far below its own stochastic policy."""
+    selections = {"eval/return": ExplorationType.DETERMINISTIC}
+    if cfg.logger.get("eval_stochastic"):  # absent from configs saved before the option existed
+        selections["eval/return_stochastic"] = ExplorationType.RANDOM
+    metrics = {}
+    for key, exploration in selections.items():
+        with set_exploration_type(exploration), torch.no_grad():
+            rollout = eval_env.rollout(
+                cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True
+            )
+        reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
+        returns = (reward * until_first_done(rollout)).sum(-1)
+        metrics[key] = returns.mean().item()
+        metrics[f"{key}_std"] = returns.std().item() if returns.numel() > 1 else 0.0
+        if cfg.logger.video:
+            eval_env.transform.dump()
     if cfg.env.library == "multigoal":
         metrics.update(goal_coverage(cfg, policy))
     return metrics

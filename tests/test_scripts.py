@@ -87,6 +87,8 @@ def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     assert records[-1]["final"] == 1 and records[-1]["frames"] == 120
     keys = set().union(*records)
     assert {"eval/return", "train/loss_actor", "train/loss_qvalue", "time/fps"} | EXPECTED_METRICS[script] <= keys
+    # Both evaluations in the final record: the deterministic policy's and the exploring one's
+    assert {"eval/return", "eval/return_stochastic", "eval/return_stochastic_std"} <= set(records[-1])
     if "s2ac.amortized=true" in extra:
         assert "train/loss_amortized" in keys
     runs = list((out / "wandb").glob("offline-run-*"))

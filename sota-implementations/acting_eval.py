@@ -1,12 +1,12 @@
-"""What S2AC's amortized sampler costs in return and saves in acting time, on a finished run.
+r"""How each way of acting of a finished S2AC run scores, and what it costs in acting time.
 
-    python sota-implementations/s2ac.py env=hopper s2ac.amortized=true hydra.run.dir=runs/hopper_amortized ...
-    python sota-implementations/amortized_eval.py runs/hopper_amortized --episodes 10
+    python sota-implementations/acting_eval.py results/hopper_100k/s2ac/seed4 --episodes 10
 
-Loads the run's checkpoint and plays the same number of episodes with each way of acting
-(SVGD particles with the training / evaluation selection, and the amortized sampler with
-random / zero noise), in the run's own environment. Prints a Markdown table: mean
-return ± std and acting time per environment step.
+Loads the run's checkpoint and plays the same episodes (same seeds) with each particle selection of the SVGD
+policy: a random particle (the stochastic policy, what training collects with), the particle of highest
+:math:`\min_k Q` (the scripts' evaluation) and a particle drawn with probability :math:`\propto \exp(Q/\alpha)`;
+for a run trained with ``s2ac.amortized=true`` also the amortized sampler, with random and zero noise. Prints a
+Markdown table: mean return ± std over the episodes and acting time per (batched) environment step.
 """
 
 from __future__ import annotations
@@ -41,31 +41,34 @@ def play(cfg, policy, exploration: ExplorationType, episodes: int, seed: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a finished s2ac.py run trained with s2ac.amortized=true")
+    parser.add_argument("run_dir", type=Path, help="a finished s2ac.py run (its checkpoints/ and .hydra/)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1000)
     args = parser.parse_args()
     cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
-    if not cfg.s2ac.get("amortized", False):
-        raise SystemExit(f"{args.run_dir} was trained without s2ac.amortized=true: there is no sampler to compare.")
     OmegaConf.update(cfg, "network.device", "cpu", force_add=True)  # acting timed on the CPU, beside its envs
     agent = s2ac.make_agent(cfg, harness.env_specs(cfg))
     counters = checkpoint.load_weights(args.run_dir / "checkpoints", agent.loss)
     actor, sampler = agent.policy, agent.policy.amortized_sampler
-    rows = [
-        ("SVGD particles", f"training ({cfg.s2ac.train_selection})", agent.policy, ExplorationType.RANDOM),
-        ("SVGD particles", f"evaluation ({cfg.s2ac.eval_selection})", agent.policy, ExplorationType.DETERMINISTIC),
-        ("amortized sampler", "random noise", sampler, ExplorationType.RANDOM),
-        ("amortized sampler", "noise 0", sampler, ExplorationType.DETERMINISTIC),
-    ]
     print(f"{cfg.env.name}, {counters['frames']} frames, {args.episodes} episodes each, seed {args.seed}")
     print(f"m = {actor.num_particles}, L = {actor.stein.num_steps}\n")
     print("| acting | selection | return (mean ± std) | ms per env step |")
     print("| --- | --- | --- | --- |")
-    for acting, selection, policy, exploration in rows:
+
+    def row(acting: str, selection: str, policy, exploration: ExplorationType) -> None:
         torch.manual_seed(args.seed)
         returns, milliseconds = play(cfg, policy, exploration, args.episodes, args.seed)
         print(f"| {acting} | {selection} | {returns.mean():.1f} ± {returns.std():.1f} | {milliseconds:.2f} |")
+
+    for selection in ("random", "max", "softmax"):
+        # Every rule acts through the exploring path (train_selection), so that only the rule differs.
+        used = [phase for phase in ("train", "eval") if cfg.s2ac[f"{phase}_selection"] == selection]
+        actor.train_selection = selection
+        row("SVGD particles", selection + (f" (the run's {', '.join(used)} selection)" if used else ""), actor,
+            ExplorationType.RANDOM)  # fmt: skip
+    if sampler is not None:
+        row("amortized sampler", "random noise", sampler, ExplorationType.RANDOM)
+        row("amortized sampler", "noise 0", sampler, ExplorationType.DETERMINISTIC)
 
 
 if __name__ == "__main__":
