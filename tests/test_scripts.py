@@ -102,6 +102,15 @@ def test_script_trains_logs_and_resumes(tmp_path, script, extra):
     assert state["state"]["updates"] > 0
     assert buffer_length(state) == 200
     assert metrics(out)[-1]["frames"] == 200
+    if script == "s2ac":  # acting_eval.py plays the finished run with each particle selection (and the sampler)
+        played = subprocess.run(
+            [sys.executable, str(SCRIPTS / "acting_eval.py"), str(out), "--episodes", "2"],
+            capture_output=True, text=True, timeout=300, env=dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore"),
+        )  # fmt: skip
+        assert played.returncode == 0, played.stderr[-2000:]
+        rows = [line for line in played.stdout.splitlines() if line.startswith(("| SVGD", "| amortized"))]
+        assert len(rows) == (5 if "s2ac.amortized=true" in extra else 3), played.stdout
+        assert "200 frames" in played.stdout
 
 
 def test_compiled_update(tmp_path):
