@@ -4,6 +4,7 @@
     python sota-implementations/report.py multirun/s2ac/Hopper-v5/2026-* --by s2ac.max_step_ratio --out ablation
     python sota-implementations/report.py results/multigoal_sql_haarnoja --metric eval/goals_reached
     python sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000
+    python sota-implementations/report.py results/hopper_100k --metric train/episode_return --final-window 10000
 
 A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
 on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus
@@ -11,7 +12,8 @@ the layout for the multi-goal task) and label (the algorithm, plus the values of
 keys that differ from the algorithm's most common ones), so ablations and baselines can be reported
 from the same directories.
 
-Per run: the final score (the ``final`` evaluation at the end of training; runs that have not
+Per run: the final score (the ``final`` evaluation at the end of training, or with ``--final-window N`` the
+metric's mean over the last N frames, for metrics logged while training; runs that have not
 finished are listed but left out of the statistics) and the area under the learning curve (the
 trapezoid mean of the evaluation curve over frames, i.e. the average score during training).
 Per task and label: mean and interquartile mean (IQM) with 95% stratified-bootstrap confidence
@@ -95,12 +97,20 @@ def find_runs(paths: list[Path]) -> list[Path]:
 OPTIONS_ADDED = {"s2ac.score_dtype": None, "s2ac.compile": False, "s2ac.amortized": False, "s2ac.init_std_min": 0.1}
 
 
-def load_run(directory: Path, metric: str, by: list[str]) -> Run | None:
+def load_run(directory: Path, metric: str, by: list[str], final_window: int | None = None) -> Run | None:
+    """The run in ``directory`` scored by ``metric``. Its final score is the end-of-training evaluation, or with
+    ``final_window`` the mean of ``metric`` over the records of the last ``final_window`` frames of a run that
+    reached its budget (for metrics logged while training, such as ``train/episode_return``)."""
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
     algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = {r["frames"]: r[metric] for r in records if metric in r and not r.get("final")}
     finals = [r[metric] for r in records if r.get("final") and metric in r]
+    if final_window is not None:
+        budget = int(cfg.collector.total_frames)
+        reached = max((r["frames"] for r in records), default=0) >= budget
+        window = [value for frames, value in evals.items() if frames > budget - final_window]
+        finals = [float(np.mean(window))] if reached and window else []
     if not evals and not finals:
         return None
     task = cfg.env.name + (f"-{cfg.env.layout}" if cfg.env.get("layout") else "")
@@ -464,8 +474,17 @@ def main() -> None:
         default=None,
         help="compare every run at this budget: its evaluation at exactly this frame count (longer runs included)",
     )
+    parser.add_argument(
+        "--final-window",
+        type=int,
+        default=None,
+        help="final score: the metric's mean over the last N frames of each finished run (a training metric)",
+    )
     args = parser.parse_args()
-    runs = [run for run in (load_run(d, args.metric, args.by) for d in find_runs(args.paths)) if run is not None]
+    if args.final_window is not None and args.final_window < 1:
+        raise SystemExit(f"--final-window={args.final_window} must be >= 1.")
+    runs = [load_run(d, args.metric, args.by, args.final_window) for d in find_runs(args.paths)]
+    runs = [run for run in runs if run is not None]
     if args.at_frames is not None:
         if args.at_frames < 1:
             raise SystemExit(f"--at-frames={args.at_frames} must be >= 1.")

@@ -243,3 +243,15 @@ def test_paired_differences_match_seeds_and_enumerate_every_sign_flip(tmp_path):
     assert report.verdict(low, high) == "not distinguishable"  # unpaired, the seeds' spread hides the shift
     text = report.report(runs, "eval/return", ["S2AC"], tmp_path, reps=200)
     assert "| S2AC - SAC | 0, 1, 2, 3, 4, 5 | +3.0, +5.0, +4.0, +6.0, +2.0, +5.0 | +4.2 | 6 of 6 | 0.03 |" in text
+
+
+def test_final_window_scores_a_training_metric_by_its_last_frames(tmp_path):
+    finished = fake_run(tmp_path, "s2ac", 0, [0.0, 5.0, 10.0], None)  # 3000 frames planned, all reached
+    run = report.load_run(finished, "eval/return", [], final_window=1500)
+    assert run.final == pytest.approx(7.5)  # the records at 2000 and 3000 frames
+    assert report.load_run(finished, "eval/return", []).final is None  # no end-of-training evaluation
+    short = fake_run(tmp_path, "sac", 1, [0.0, 5.0], None)
+    short.joinpath(".hydra", "config.yaml").write_text(
+        yaml.safe_dump({"seed": 1, "env": {"name": "Hopper-v5"}, "collector": {"total_frames": 5000}})
+    )
+    assert report.load_run(short, "eval/return", [], final_window=1500).final is None  # budget not reached
