@@ -25,9 +25,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def make_agent(cfg: DictConfig, env) -> harness.Agent:
-    net = cfg.network
+    net, device = cfg.network, harness.network_device(cfg)
     obs_dim = env.observation_spec["observation"].shape[-1]
-    action_spec = env.action_spec
+    action_spec = env.action_spec.to(device)  # TanhNormal's bounds: copied per call from elsewhere (no CUDA graph)
     action_dim = action_spec.shape[-1]
     actor_net = nn.Sequential(
         MLP(
@@ -55,7 +55,6 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         ),
         in_keys=["observation", "action"],
     )
-    device = harness.network_device(cfg)
     actor, critic = actor.to(device), critic.to(device)
     loss = SACLoss(
         actor,
@@ -67,7 +66,7 @@ def make_agent(cfg: DictConfig, env) -> harness.Agent:
         loss_function="l2",
         delay_qvalue=True,
     )
-    loss.make_value_estimator(gamma=cfg.optim.gamma)
+    loss.make_value_estimator(gamma=cfg.optim.gamma, device=device)  # TorchRL's default puts gamma on the CPU
     return harness.Agent(loss=loss, policy=actor, optimizers=harness.make_optimizers(cfg, loss))
 
 

@@ -3,6 +3,7 @@ environments, stop requests mid-batch and bad options. Each fault must end in on
 traceback, and never cost more than the transitions since the last checkpoint."""
 
 import errno
+import importlib
 import json
 import os
 import random
@@ -682,3 +683,23 @@ def test_q0_and_precision_options_reach_the_actor():
                 layer.bias.fill_(-10.0)  # a log-std far below the floor
         _, scale = actor.init_distribution(torch.randn(5, actor.observation_dim))
     assert torch.all(scale == 0.3)
+
+
+@pytest.mark.parametrize("script", ["s2ac", "sac", "sql"])
+def test_every_script_builds_its_value_estimator_on_network_device(script, monkeypatch):
+    """A script's TD(0) estimator is built on ``network.device``: left on the CPU (TorchRL's default), its gamma is
+    a CPU tensor inside the update, which breaks CUDA-graph capture on a GPU (seen with sac.py on an H200)."""
+    from torchrl.objectives.value import TD0Estimator
+
+    built_on = []
+    init = TD0Estimator.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(kwargs.get("device"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TD0Estimator, "__init__", recording_init)
+    module = importlib.import_module(script)
+    cfg = config(script, ["env=multigoal", "network.device=cpu"])
+    module.make_agent(cfg, harness.env_specs(cfg))
+    assert built_on and all(d is not None and torch.device(d) == torch.device("cpu") for d in built_on), built_on

@@ -12,6 +12,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase, dispatch
 
+from torchrl_s2ac.finite import recording_graph
 from torchrl_s2ac.kernels import RBFKernel
 from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
@@ -184,7 +185,7 @@ class SQLLoss(SoftQCriticLoss):
         with self.qvalue_network_params.detach().to_module(self.qvalue_network, preserve_module_state=False):
             particles = draws.unsquashed.detach()
             direction = svgd_direction(self.kernel(particles), score(log_density, particles, create_graph=False))
-        if not torch.isfinite(direction).all():
+        if not recording_graph() and not torch.isfinite(direction).all():  # compiled/captured: the caller checks
             raise SVGDNumericalError(
                 "SQLLoss: the SVGD direction for the sampler is not finite "
                 f"(non-finite draws: {int((~torch.isfinite(particles)).any(-1).sum())}); "
