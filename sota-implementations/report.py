@@ -390,11 +390,23 @@ def fmt(estimate: tuple[float, float, float]) -> str:
 
 
 def report(
-    runs: list[Run], metric: str, references: list[str], out: Path, reps: int, diagnostics=(), common=None
+    runs: list[Run],
+    metric: str,
+    references: list[str],
+    out: Path,
+    reps: int,
+    diagnostics=(),
+    common=None,
+    final_window: int | None = None,
 ) -> str:
     lines = [f"# Report: `{metric}`", ""]
+    final = (
+        "the end-of-training evaluation"
+        if final_window is None
+        else f"the mean of `{metric}` over each run's last {final_window:,} frames"
+    )
     lines += [
-        "Final: the end-of-training evaluation; AUC: average over the evaluation curve. Brackets: 95% "
+        f"Final: {final}; AUC: average over the evaluation curve. Brackets: 95% "
         f"stratified-bootstrap confidence intervals ({reps} resamples, `rliable`). Unfinished runs are listed "
         "but not aggregated. Paired by seed: the differences between runs with the same seed (which share the "
         "environments' random streams), and the exact two-sided sign-flip test of a zero mean difference; with n "
@@ -498,7 +510,7 @@ def main() -> None:
         )
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics, common)
+    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics, common, args.final_window)
     (out / "report.md").write_text(text)
     print(text)
 

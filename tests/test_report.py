@@ -255,3 +255,5 @@ def test_final_window_scores_a_training_metric_by_its_last_frames(tmp_path):
         yaml.safe_dump({"seed": 1, "env": {"name": "Hopper-v5"}, "collector": {"total_frames": 5000}})
     )
     assert report.load_run(short, "eval/return", [], final_window=1500).final is None  # budget not reached
+    text = report.report([run], "eval/return", [], tmp_path, reps=50, final_window=1500)
+    assert "Final: the mean of `eval/return` over each run's last 1,500 frames;" in text
