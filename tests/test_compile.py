@@ -10,7 +10,7 @@ from torch._inductor import config as inductor_config
 from torchrl.data import Bounded
 
 from helpers import transition_batch
-from torchrl_s2ac import NonFiniteError, S2ACLoss, SoftQCritic, SVGDActor
+from torchrl_s2ac import AmortizedSampler, NonFiniteError, S2ACLoss, SoftQCritic, SQLLoss, SVGDActor
 
 
 def hopper_loss(score_dtype=None, **network) -> S2ACLoss:
@@ -36,6 +36,13 @@ def test_s2ac_update_has_no_graph_breaks(score_dtype):
     explanation = torch._dynamo.explain(objective(hopper_loss(score_dtype)))(transition_batch(100, 11, 3))
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_sql_update_has_no_graph_breaks():
+    # The sampler's SVGD direction from the critic's closed-form action gradient: no autograd call in the graph.
+    loss = SQLLoss(AmortizedSampler(Bounded(-1.0, 1.0, (3,)), 11), SoftQCritic(11, 3)).make_value_estimator(gamma=0.99)
+    explanation = torch._dynamo.explain(objective(loss))(transition_batch(100, 11, 3))
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
 
 
 def test_compiled_loss_matches_eager():

@@ -47,6 +47,12 @@ def test_critic_ensemble_and_closed_form_action_gradient(activation):
     (first,) = torch.autograd.grad(values.sum(), action, create_graph=True)
     (expected_second,) = torch.autograd.grad(first.sum(), weight)
     torch.testing.assert_close(second, expected_second)
+    # min_k Q_k and its gradient: the minimum's autograd gradient (each entry picks its own member).
+    q_min, dq_min = critic.min_values_and_action_grad(observation, action)
+    minimum = critic.min_values(observation, action)
+    torch.testing.assert_close(q_min, minimum)
+    (expected,) = torch.autograd.grad(minimum.sum(), action)
+    torch.testing.assert_close(dq_min, expected)
 
 
 def test_critic_output_layer_stays_in_full_precision_under_autocast():
@@ -89,6 +95,16 @@ def test_tanh_squash_log_det_is_stable_and_exact():
     assert torch.isfinite(squash.log_abs_det_jacobian(u)).all()  # the naive form gives -inf here
     with pytest.raises(ValueError, match="finite action bounds"):
         TanhSquash(torch.tensor([-math.inf]), torch.tensor([1.0]))
+
+
+def test_tanh_squash_derivatives_match_autograd():
+    squash = TanhSquash(torch.tensor([-2.0, 0.0], dtype=DT), torch.tensor([2.0, 1.0], dtype=DT))
+    u = torch.randn(6, 2, dtype=DT, requires_grad=True)
+    weights = torch.randn(6, 2, dtype=DT)  # grad_a of f(a) = <weights, a>
+    (expected,) = torch.autograd.grad((weights * squash(u)).sum(), u)
+    torch.testing.assert_close(squash.pullback(u, weights), expected)
+    (expected,) = torch.autograd.grad(squash.log_abs_det_jacobian(u).sum(), u)
+    torch.testing.assert_close(squash.log_abs_det_jacobian_grad(u), expected)
 
 
 def make_actor(obs_dim=3, act_dim=2, **kwargs):

@@ -122,6 +122,24 @@ def test_sampler_gradient_is_the_amortized_svgd_update():
         torch.testing.assert_close(got[name], expected, rtol=1e-7, atol=1e-10)
 
 
+def test_closed_form_score_gives_the_autograd_direction(monkeypatch):
+    # SoftQCritic's closed-form action gradient and the squash's derivatives replace autograd in the sampler's
+    # SVGD direction; a critic without them (the autograd path) must give the same loss and sampler gradient.
+    results = []
+    for closed_form in (True, False):
+        loss, sampler, critic = build()
+        monkeypatch.setattr(type(critic), "has_explicit_action_grad", property(lambda self: closed_form))
+        torch.manual_seed(5)
+        actor_loss, metrics = loss.actor_loss(batch())
+        grads = torch.autograd.grad(actor_loss, list(sampler.parameters()))
+        results.append((actor_loss.detach(), metrics["svgd_norm"], grads))
+    (loss_cf, norm_cf, grads_cf), (loss_ag, norm_ag, grads_ag) = results
+    torch.testing.assert_close(loss_cf, loss_ag)
+    torch.testing.assert_close(norm_cf, norm_ag)
+    for closed, auto in zip(grads_cf, grads_ag):
+        torch.testing.assert_close(closed, auto)
+
+
 def test_gradients_are_isolated():
     loss, sampler, critic = build()
     out = loss(batch())

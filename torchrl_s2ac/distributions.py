@@ -103,6 +103,15 @@ class TanhSquash(nn.Module):
         log_dtanh = 2 * (math.log(2) - u - torch.nn.functional.softplus(-2 * u))
         return (self.scale.log() + log_dtanh).sum(-1)
 
+    def pullback(self, u: torch.Tensor, action_grad: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla_u f(a(u))` from :math:`\nabla_a f`: :math:`\nabla_a f \odot r\,(1 - \tanh^2 u)` (the squash
+        acts per dimension)."""
+        return action_grad * self.scale * (1 - torch.tanh(u).square())
+
+    def log_abs_det_jacobian_grad(self, u: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla_u \sum_d \log|\partial a_d / \partial u_d| = -2\tanh u`."""
+        return -2 * torch.tanh(u)
+
 
 def knn_entropy(samples: torch.Tensor, k: int = 3) -> torch.Tensor:
     r"""Kozachenko-Leonenko :math:`k`-nearest-neighbour entropy estimate from samples ``[*batch, n, d]``.

@@ -320,11 +320,8 @@ class SVGDActor(TensorDictModuleBase):
 
         def score_fn(u: torch.Tensor) -> torch.Tensor:
             # grad_u min_k Q_k(s, squash(u)) / alpha, with the input gradient in closed form.
-            tanh_u = torch.tanh(u)
-            q, dq_da = critic.values_and_action_grad(per_particle_obs, squash.loc + squash.scale * tanh_u)
-            member = q.argmin(0, keepdim=True).unsqueeze(-1).expand(1, *dq_da.shape[1:])
-            dq_da = dq_da.gather(0, member).squeeze(0)
-            return dq_da * squash.scale * (1 - tanh_u.square()) / alpha
+            _, dq_da = critic.min_values_and_action_grad(per_particle_obs, squash(u))
+            return squash.pullback(u, dq_da) / alpha
 
         # preserve_module_state=False: the (e.g. detached) tensors are swapped in as they are; rebuilding
         # nn.Parameters from them would break a torch.compile graph (as TorchRL's _vmap_func does).

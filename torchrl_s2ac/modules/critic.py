@@ -169,6 +169,17 @@ class SoftQCritic(TensorDictModuleBase):
         grad = grad.expand(self.num_qvalue_nets, batch_shape.numel(), self.action_dim)  # no hidden layer: broadcast
         return values, grad.reshape(self.num_qvalue_nets, *batch_shape, self.action_dim)
 
+    def min_values_and_action_grad(
+        self, observation: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`\min_k Q_k(s, a)` ``[*batch]`` and its action gradient ``[*batch, act]``: the gradient of the
+        member attaining the minimum (a subgradient where members tie), in closed form
+        (:meth:`values_and_action_grad`)."""
+        values, grads = self.values_and_action_grad(observation, action)
+        member = values.argmin(0, keepdim=True)
+        grad = grads.gather(0, member.unsqueeze(-1).expand(1, *grads.shape[1:])).squeeze(0)
+        return values.gather(0, member).squeeze(0), grad
+
     def _input_rows(self, index: int) -> torch.Tensor:
         """Layer ``index``'s weight, restricted to the action's rows for the first layer (the observation's
         gradient is never needed)."""

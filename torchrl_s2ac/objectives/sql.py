@@ -43,7 +43,9 @@ class SQLLoss(SoftQCriticLoss):
         \nabla_u \log p(u) = \nabla_u \big[\min_k Q_k(s, \mathrm{squash}(u))/\alpha
             + \log|\det \partial a/\partial u|\big]
 
-    (critic parameters detached). With :math:`\phi` the SVGD direction over the :math:`K` draws
+    (critic parameters detached), in closed form for a :class:`~torchrl_s2ac.SoftQCritic`
+    (:math:`\nabla_a \min_k Q_k / \alpha` pulled back by :math:`r(1 - \tanh^2 u)`, plus :math:`-2\tanh u`), by
+    autograd for any other critic. With :math:`\phi` the SVGD direction over the :math:`K` draws
     (:func:`~torchrl_s2ac.svgd_direction`, kernel bandwidth from the draws), the sampler loss
 
     .. math::
@@ -184,7 +186,14 @@ class SQLLoss(SoftQCriticLoss):
 
         with self.qvalue_network_params.detach().to_module(self.qvalue_network, preserve_module_state=False):
             particles = draws.unsquashed.detach()
-            direction = svgd_direction(self.kernel(particles), score(log_density, particles, create_graph=False))
+            if self.qvalue_network.has_explicit_action_grad:
+                # The same score in closed form: one graph under torch.compile, no autograd call.
+                _, dq_da = self.qvalue_network.min_values_and_action_grad(per_particle_obs, sampler.squash(particles))
+                log_p_grad = sampler.squash.pullback(particles, dq_da) / self.alpha
+                log_p_grad = log_p_grad + sampler.squash.log_abs_det_jacobian_grad(particles)
+            else:
+                log_p_grad = score(log_density, particles, create_graph=False)
+            direction = svgd_direction(self.kernel(particles), log_p_grad)
         if not recording_graph() and not torch.isfinite(direction).all():  # compiled/captured: the caller checks
             raise SVGDNumericalError(
                 "SQLLoss: the SVGD direction for the sampler is not finite "
