@@ -25,7 +25,7 @@ train: $(STAMP)
 	$(PY) sota-implementations/s2ac.py compile.compile=true $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -129,6 +129,7 @@ def test_compiled_update(tmp_path):
         "compile.compile=true",
         "s2ac.compile=true",
         extra_env={"TORCH_LOGS": "dynamo,graph_breaks"},
+        timeout=900,  # two cold inductor compiles (update and policy): 134 s alone on 2 cores, more beside other tests
     )
     assert "start tracing update" in result.stderr
     assert not re.search(r"Graph break .*in user code at \S*torchrl_s2ac", result.stderr)
@@ -228,6 +229,7 @@ def test_process_backend(tmp_path):
     assert metrics(out)[-1]["frames"] >= 120
 
 
+@pytest.mark.xdist_group("ray")
 def test_ray_backend_from_another_directory(tmp_path):
     """A local Ray runtime with 2 workers, launched from a directory that is not the scripts': the workers
     import the scripts' support code, the run ends with its final evaluation and checkpoint. HalfCheetah's

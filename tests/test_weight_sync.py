@@ -17,7 +17,9 @@ from torchrl.envs.utils import ExplorationType
 from torchrl_s2ac import SoftQCritic, SVGDActor
 from torchrl_s2ac.envs import MultiGoalEnv
 
-BACKENDS = ["direct", "process", "ray"]
+# The Ray runtimes of a test run share one xdist worker (make test: --dist loadgroup): two at once on two cores
+# time out starting their workers.
+BACKENDS = ["direct", "process", pytest.param("ray", marks=pytest.mark.xdist_group("ray"))]
 
 
 @pytest.fixture(scope="module")
