@@ -97,7 +97,8 @@ multigoal: $(STAMP)
 		env.layout=four_goals,three_goals seed=$(SEEDS) hydra.launcher.n_jobs=$(JOBS) resume=auto \
 		'hydra.sweep.subdir=$${env.layout}/seed$${seed}' \
 		hydra.sweep.dir=results/multigoal_20k/s2ac_learned_q0
-	$(PY) sota-implementations/report.py results/multigoal_20k --metric eval/goals_reached --by s2ac.fixed_init_std
+	$(PY) sota-implementations/report.py results/multigoal_20k --metric eval/goals_reached --by s2ac.fixed_init_std \
+		--final-window 5000 --out results/multigoal_20k
 	for layout in four_goals three_goals; do \
 		$(PY) sota-implementations/multigoal.py results/multigoal_20k --layout $$layout --out results/multigoal_20k || exit 1; \
 	done
