@@ -5,6 +5,7 @@
     python sota-implementations/report.py results/multigoal_sql_haarnoja --metric eval/goals_reached
     python sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000
     python sota-implementations/report.py results/hopper_100k --metric train/episode_return --final-window 10000
+    python sota-implementations/report.py results/multigoal_temperature --metric eval/goals_reached --across alpha
 
 A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
 on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus
@@ -26,8 +27,9 @@ the per-seed differences of the final scores and the exact sign-flip test of a z
 Runs of a task with different budgets (``collector.total_frames``) are reported as separate tasks;
 ``--at-frames N`` instead scores every run planned for at least N frames at N: its evaluation at exactly
 N frames (runs are evaluated every ``logger.eval_every_frames``), so that longer runs serve as baselines
-at a shorter budget. Writes ``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band)
-per task, and with
+at a shorter budget. ``--across NAME`` compares the runs at each value of a setting swept over every
+algorithm (``alpha``: each algorithm's temperature), and plots every label's final score against it. Writes
+``report.md`` and one ``curves_<task>.png`` (mean with a 95% bootstrap band) per task, and with
 ``--diagnostics KEY ...`` a ``diagnostics_<task>.png`` of those training metrics (e.g. S2AC's
 ``train/init_scale_min``, ``train/svgd_step_ratio``, ``train/entropy``) for every run.
 """
@@ -65,6 +67,7 @@ class Run:
     total_frames: int
     records: list[dict]  # every metrics.jsonl record (training diagnostics included)
     settings: tuple[tuple[str, str], ...] = ()  # the --by keys the run has, with their values
+    across: float | str | None = None  # its value of the --across setting
 
     @property
     def auc(self) -> float:
@@ -97,10 +100,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
 OPTIONS_ADDED = {"s2ac.score_dtype": None, "s2ac.compile": False, "s2ac.amortized": False, "s2ac.init_std_min": 0.1}
 
 
-def load_run(directory: Path, metric: str, by: list[str], final_window: int | None = None) -> Run | None:
+def load_run(
+    directory: Path, metric: str, by: list[str], final_window: int | None = None, across: str | None = None
+) -> Run | None:
     """The run in ``directory`` scored by ``metric``. Its final score is the end-of-training evaluation, or with
     ``final_window`` the mean of ``metric`` over the records of the last ``final_window`` frames of a run that
-    reached its budget (for metrics logged while training, such as ``train/episode_return``)."""
+    reached its budget (for metrics logged while training, such as ``train/episode_return``). ``across`` names a
+    setting swept over algorithms: the run's ``<algorithm>.<across>`` (``alpha``: ``sac.alpha`` for SAC), or else
+    the config key ``across`` itself (``env.goal_radius``)."""
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
     algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -124,6 +131,11 @@ def load_run(directory: Path, metric: str, by: list[str], final_window: int | No
             variant.append(f"{key}={value}")
     if variant:  # keys an algorithm does not have (e.g. s2ac.* for SAC) do not split its runs
         label += " " + ",".join(variant)
+    value = None
+    if across is not None:
+        value = OmegaConf.select(cfg, f"{algorithm}.{across}", default=OmegaConf.select(cfg, across, default=KeyError))
+        if value is KeyError:
+            raise SystemExit(f"--across={across}: {directory} has neither {algorithm}.{across} nor {across}.")
     frames = np.array(sorted(evals), dtype=float)
     return Run(
         directory=directory,
@@ -137,6 +149,7 @@ def load_run(directory: Path, metric: str, by: list[str], final_window: int | No
         total_frames=int(cfg.collector.total_frames),
         records=records,
         settings=tuple(tuple(entry.split("=", 1)) for entry in variant),
+        across=value,
     )
 
 
@@ -169,15 +182,19 @@ def compact_labels(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:
     return relabelled, described
 
 
-def at_budget(run: Run, frames: int) -> Run | None:
+def at_budget(run: Run, frames: int, final_window: int | None = None) -> Run | None:
     """``run`` as if trained for ``frames`` frames: its curve up to there, and as its final score the evaluation
     at exactly that frame count (the end-of-training one for a run of that length; a periodic one for a longer
-    run, whose first ``frames`` frames are the same training). ``None`` for a run planned shorter."""
+    run, whose first ``frames`` frames are the same training), or with ``final_window`` the mean of its
+    evaluations over the last ``final_window`` of those frames. ``None`` for a run planned shorter."""
     if run.total_frames < frames:
         return None
     keep = run.frames <= frames
     if run.total_frames == frames:
         final = run.final
+    elif final_window is not None:
+        window = keep & (run.frames > frames - final_window)
+        final = float(run.scores[window].mean()) if window.any() and (run.frames == frames).any() else None
     else:
         final = float(run.scores[run.frames == frames][0]) if (run.frames == frames).any() else None
     records = [
@@ -198,6 +215,21 @@ def split_budgets(runs: list[Run]) -> list[Run]:
         dataclasses.replace(run, task=f"{run.task}, {run.total_frames:,} frames") if len(budgets[run.task]) > 1 else run
         for run in runs
     ]
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value) -> str:
+    """An ``--across`` value as labels show it (``1.0`` -> ``1``)."""
+    return f"{value:g}" if is_number(value) else str(value)
+
+
+def split_across(runs: list[Run], name: str) -> list[Run]:
+    """Each value of the ``--across`` setting as its own task (``MultiGoal-four_goals, alpha=1``), so that runs
+    are compared only with runs at the same value."""
+    return [dataclasses.replace(run, task=f"{run.task}, {name}={shown(run.across)}") for run in runs]
 
 
 def slug(task: str) -> str:
@@ -301,6 +333,20 @@ def verdict(low: float, high: float) -> str:
     return "better" if low > 0.5 else "worse" if high < 0.5 else "not distinguishable"
 
 
+def save_figure(fig, title: str, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Titles, labels, a grid and a legend on ``fig``'s single axes, then the figure written to ``path``."""
+    ax = fig.axes[0]
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def finished_curves(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation points all finished runs share, and each finished run's scores there, ``[runs, points]``
     (empty when none finished): an unfinished run neither shortens nor enters the mean curve."""
@@ -335,16 +381,13 @@ def plot_curves(task: str, runs: list[Run], metric: str, out: Path, reps: int) -
             mean = curves[0]
         count = f"n={len(curves)}" + (f", +{len(unfinished)} unfinished" if unfinished else "")
         ax.plot(grid, mean, color=color, label=f"{label} ({count})")
-    ax.set_title(f"{task}: {metric} (mean, 95% bootstrap CI over seeds)")
-    ax.set_xlabel("environment frames")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out / f"curves_{slug(task)}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(
+        fig,
+        f"{task}: {metric} (mean, 95% bootstrap CI over seeds)",
+        "environment frames",
+        metric,
+        out / f"curves_{slug(task)}.png",
+    )
 
 
 def plot_diagnostics(task: str, runs: list[Run], keys: list[str], out: Path) -> Path:
@@ -389,6 +432,51 @@ def fmt(estimate: tuple[float, float, float]) -> str:
     return f"{estimate[0]:.1f} [{estimate[1]:.1f}, {estimate[2]:.1f}]"
 
 
+def across_section(runs: list[Run], name: str, metric: str, out: Path, reps: int) -> list[str]:
+    """Per task, the final score's mean and 95% interval of every label at each value of the ``--across``
+    setting: a table (values down, labels across) and a figure of the means against the values (a log axis for
+    positive numbers spanning a factor of 10 or more; evenly spaced categories otherwise)."""
+    lines = []
+    for task in sorted({r.task for r in runs}):
+        task_runs = [r for r in runs if r.task == task]
+        values = {r.across for r in task_runs}
+        numeric = all(map(is_number, values))
+        values = sorted(values) if numeric else sorted(values, key=str)
+        position = {v: float(v) if numeric else float(i) for i, v in enumerate(values)}
+        labels = sorted({r.label for r in task_runs})
+        table = {v: aggregates([r for r in task_runs if r.across == v], reps) for v in values}
+        lines += [f"## {task}: final `{metric}` across `{name}`", "", f"| {name} | " + " | ".join(labels) + " |"]
+        lines.append("| --- |" + " --- |" * len(labels))
+        for v in values:
+            cells = (
+                f"{fmt(table[v][label]['mean'])} (n={table[v][label]['n']})" if label in table[v] else ""
+                for label in labels
+            )
+            lines.append(f"| {shown(v)} | " + " | ".join(cells) + " |")
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        log = numeric and min(values) > 0 and max(values) >= 10 * min(values)
+        for k, label in enumerate(labels):
+            at = [v for v in values if label in table[v]]
+            mean, low, high = (np.array([table[v][label]["mean"][i] for v in at]) for i in range(3))
+            offset = 0.04 * (k - (len(labels) - 1) / 2)  # side by side, so overlapping intervals stay readable
+            x = np.array([position[v] for v in at])
+            x = x * np.exp(offset) if log else x + offset * (np.ptp(list(position.values())) or 1)
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xticks([position[v] for v in values], [shown(v) for v in values])
+        ax.minorticks_off()
+        path = save_figure(
+            fig,
+            f"{task}: mean, 95% bootstrap CI over seeds",
+            name,
+            f"final {metric}",
+            out / f"across_{slug(name)}_{slug(task)}.png",
+        )
+        lines += ["", f"![{task} across {name}]({path.name})", ""]
+    return lines
+
+
 def report(
     runs: list[Run],
     metric: str,
@@ -398,6 +486,7 @@ def report(
     diagnostics=(),
     common=None,
     final_window: int | None = None,
+    across: str | None = None,
 ) -> str:
     lines = [f"# Report: `{metric}`", ""]
     final = (
@@ -415,6 +504,9 @@ def report(
     ]
     for algorithm, settings in (common or {}).items():
         lines += [f"{algorithm} labels name only what differs from its most common settings: {settings}.", ""]
+    if across is not None:
+        lines += across_section(runs, across, metric, out, reps)
+        runs = split_across(runs, across)
     for task in sorted({r.task for r in runs}):
         task_runs = [r for r in runs if r.task == task]
         lines += [
@@ -487,6 +579,12 @@ def main() -> None:
         help="compare every run at this budget: its evaluation at exactly this frame count (longer runs included)",
     )
     parser.add_argument(
+        "--across",
+        default=None,
+        help="a setting swept over every algorithm (alpha: sac.alpha, s2ac.alpha, ...; or a config key such as "
+        "env.goal_radius): runs are compared at each of its values, and a figure shows the scores against them",
+    )
+    parser.add_argument(
         "--final-window",
         type=int,
         default=None,
@@ -495,12 +593,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.final_window is not None and args.final_window < 1:
         raise SystemExit(f"--final-window={args.final_window} must be >= 1.")
-    runs = [load_run(d, args.metric, args.by, args.final_window) for d in find_runs(args.paths)]
+    runs = [load_run(d, args.metric, args.by, args.final_window, args.across) for d in find_runs(args.paths)]
     runs = [run for run in runs if run is not None]
     if args.at_frames is not None:
         if args.at_frames < 1:
             raise SystemExit(f"--at-frames={args.at_frames} must be >= 1.")
-        runs = [run for run in (at_budget(r, args.at_frames) for r in runs) if run is not None]
+        runs = [run for run in (at_budget(r, args.at_frames, args.final_window) for r in runs) if run is not None]
     runs = split_budgets(runs)
     runs, common = compact_labels(runs)
     if not runs:
@@ -510,7 +608,9 @@ def main() -> None:
         )
     out = args.out or args.paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    text = report(runs, args.metric, args.reference, out, args.reps, args.diagnostics, common, args.final_window)
+    text = report(
+        runs, args.metric, args.reference, out, args.reps, args.diagnostics, common, args.final_window, args.across
+    )
     (out / "report.md").write_text(text)
     print(text)
 

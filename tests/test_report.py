@@ -119,6 +119,9 @@ def test_budgets_are_never_mixed_and_at_frames_scores_longer_runs_at_the_shorter
     assert list(by_algorithm["sac"].frames) == [1000, 2000, 3000] and by_algorithm["sac"].task == "Hopper-v5"
     sac = next(r for r in runs if r.algorithm == "sac")
     assert report.at_budget(sac, 2500).final is None  # no evaluation at exactly 2.5k frames: not scored
+    # with a final window: the mean of the evaluations in (1k, 3k] frames, those at 2k and 3k
+    assert report.at_budget(sac, 3000, final_window=2000).final == pytest.approx((20.0 + 30.0) / 2)
+    assert report.at_budget(sac, 2500, final_window=2000).final is None
 
 
 def test_compact_labels_name_what_differs_and_exact_references(tmp_path):
@@ -257,3 +260,32 @@ def test_final_window_scores_a_training_metric_by_its_last_frames(tmp_path):
     assert report.load_run(short, "eval/return", [], final_window=1500).final is None  # budget not reached
     text = report.report([run], "eval/return", [], tmp_path, reps=50, final_window=1500)
     assert "Final: the mean of `eval/return` over each run's last 1,500 frames;" in text
+
+
+def test_across_compares_algorithms_at_each_value_of_their_own_setting(tmp_path):
+    """``--across alpha`` reads ``s2ac.alpha`` for S2AC and ``sac.alpha`` for SAC, compares them only at equal
+    values, and tabulates every label's mean final score per value."""
+    finals = {("s2ac", 0.2): [2.0, 3.0, 4.0], ("sac", 0.2): [1.0, 1.0, 1.0], ("s2ac", 10.0): [4.0, 4.0, 4.0]}
+    finals[("sac", 10.0)] = [4.0, 3.0, 4.0]
+    for (algorithm, alpha), values in finals.items():
+        for seed, final in enumerate(values):
+            fake_run(tmp_path / f"alpha{alpha}", algorithm, seed, [0.0, final], final, **{algorithm: {"alpha": alpha}})
+    fake_run(tmp_path / "nokey", "sql", 0, [1.0], 1.0, env={"name": "Hopper-v5", "goal_radius": 0.5})
+    with pytest.raises(SystemExit, match="sql.alpha nor alpha"):
+        report.load_run(tmp_path / "nokey" / "sql" / "0_seed0", "eval/return", [], across="alpha")
+    radius = report.load_run(tmp_path / "nokey" / "sql" / "0_seed0", "eval/return", [], across="env.goal_radius")
+    assert radius.across == 0.5  # a config key that is not an algorithm's own
+    runs = [
+        report.load_run(d, "eval/return", [], across="alpha")
+        for d in report.find_runs([tmp_path / "alpha0.2", tmp_path / "alpha10.0"])
+    ]
+    split = report.split_across(runs, "alpha")
+    assert {r.task for r in split} == {"Hopper-v5, alpha=0.2", "Hopper-v5, alpha=10"}
+    pairs = {r.task: report.improvements([s for s in split if s.task == r.task], ["S2AC"], reps=500) for r in split}
+    assert [p for _, _, p, *_ in pairs["Hopper-v5, alpha=0.2"]] == [pytest.approx(1.0)]
+    assert [p for _, _, p, *_ in pairs["Hopper-v5, alpha=10"]] == [pytest.approx((3 * 0.5 + 3 * 1.0 + 3 * 0.5) / 9)]
+    lines = report.across_section(runs, "alpha", "eval/return", tmp_path, reps=500)
+    rows = [line for line in lines if line.startswith("| 0.2 |") or line.startswith("| 10 |")]
+    assert rows[0].startswith("| 0.2 | 3.0 [") and "(n=3) | 1.0 [1.0, 1.0] (n=3) |" in rows[0]
+    assert rows[1].startswith("| 10 | 4.0 [4.0, 4.0] (n=3) | 3.7 [")
+    assert (tmp_path / "across_alpha_Hopper-v5.png").stat().st_size > 10_000
