@@ -105,8 +105,10 @@ multigoal: $(STAMP)
 
 # The temperature axis of multi-goal: four_goals, 3 seeds, 10k frames, alpha in ALPHAS for S2AC (fixed q0), SAC and
 # SQL in the same harness (alpha = 0.2 comes from make multigoal's runs, read at 10k frames), then the report:
-# goals reached (mean of the evaluations at 8-10k frames) against alpha, and the comparisons at each alpha.
+# goals reached (mean of the evaluations at 8-10k frames) against alpha, and the comparisons at each alpha; per alpha,
+# multigoal.py's trajectories and entropies of the final policies.
 ALPHAS ?= 1,3,10
+COMMA := ,
 multigoal_temperature: $(STAMP)
 	for algorithm in sac sql s2ac; do \
 		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=four_goals \
@@ -117,6 +119,10 @@ multigoal_temperature: $(STAMP)
 	$(PY) sota-implementations/report.py results/multigoal_temperature $(foreach a,s2ac sac sql,results/multigoal_20k/$(a)/four_goals) \
 		--metric eval/goals_reached --across alpha --at-frames 10000 --final-window 3000 \
 		--out results/multigoal_temperature/report
+	for alpha in $(subst $(COMMA), ,$(ALPHAS)); do \
+		$(PY) sota-implementations/multigoal.py results/multigoal_temperature/*/alpha$$alpha --layout four_goals \
+			--out results/multigoal_temperature/alpha$$alpha || exit 1; \
+	done
 
 # The paper-scale campaign: 5 MuJoCo tasks x 5 seeds x 1M frames per algorithm, one multirun per algorithm
 # (SQL once per task: its temperature is Haarnoja et al.'s per-task reward scale). On a SLURM cluster add
