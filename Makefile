@@ -103,17 +103,18 @@ multigoal: $(STAMP)
 		$(PY) sota-implementations/multigoal.py results/multigoal_20k --layout $$layout --out results/multigoal_20k || exit 1; \
 	done
 
-# The temperature axis of multi-goal: four_goals, 3 seeds, 10k frames, alpha in ALPHAS for S2AC (fixed q0), SAC and
+# The temperature axis of multi-goal: four_goals, 3 seeds (TEMPERATURE_SEEDS), 10k frames, alpha in ALPHAS for S2AC (fixed q0), SAC and
 # SQL in the same harness (alpha = 0.2 comes from make multigoal's runs, read at 10k frames), then the report:
 # goals reached (mean of the evaluations at 8-10k frames) against alpha, and the comparisons at each alpha; per alpha,
 # multigoal.py's trajectories and entropies of the final policies.
 ALPHAS ?= 1,3,10
+TEMPERATURE_SEEDS ?= 0,1,2
 COMMA := ,
 multigoal_temperature: $(STAMP)
 	for algorithm in sac sql s2ac; do \
 		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=four_goals \
-			$$algorithm.alpha=$(ALPHAS) seed=0,1,2 collector.total_frames=10000 hydra.launcher.n_jobs=$(JOBS) \
-			resume=auto "hydra.sweep.subdir=alpha\$${$$algorithm.alpha}/seed\$${seed}" \
+			$$algorithm.alpha=$(ALPHAS) seed=$(TEMPERATURE_SEEDS) collector.total_frames=10000 \
+			hydra.launcher.n_jobs=$(JOBS) resume=auto "hydra.sweep.subdir=alpha\$${$$algorithm.alpha}/seed\$${seed}" \
 			hydra.sweep.dir=results/multigoal_temperature/$$algorithm || exit 1; \
 	done
 	$(PY) sota-implementations/report.py results/multigoal_temperature $(foreach a,s2ac sac sql,results/multigoal_20k/$(a)/four_goals) \
