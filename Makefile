@@ -118,7 +118,7 @@ multigoal_temperature: $(STAMP)
 			hydra.sweep.dir=results/multigoal_temperature/$$algorithm || exit 1; \
 	done
 	$(PY) sota-implementations/report.py results/multigoal_temperature $(foreach a,s2ac sac sql,results/multigoal_20k/$(a)/four_goals) \
-		--metric eval/goals_reached --across alpha --at-frames 10000 --final-window 3000 \
+		--metric eval/goals_reached --across alpha --by s2ac.fixed_init_std --at-frames 10000 --final-window 3000 \
 		--out results/multigoal_temperature/report
 	for alpha in $(subst $(COMMA), ,$(ALPHAS)); do \
 		$(PY) sota-implementations/multigoal.py results/multigoal_temperature/*/alpha$$alpha --layout four_goals \
