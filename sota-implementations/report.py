@@ -194,7 +194,7 @@ def at_budget(run: Run, frames: int, final_window: int | None = None) -> Run | N
         final = run.final
     elif final_window is not None:
         window = keep & (run.frames > frames - final_window)
-        final = float(run.scores[window].mean()) if window.any() and (run.frames == frames).any() else None
+        final = float(run.scores[window].mean()) if (run.frames == frames).any() else None  # in the window
     else:
         final = float(run.scores[run.frames == frames][0]) if (run.frames == frames).any() else None
     records = [
