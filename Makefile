@@ -103,26 +103,29 @@ multigoal: $(STAMP)
 		$(PY) sota-implementations/multigoal.py results/multigoal_20k --layout $$layout --out results/multigoal_20k || exit 1; \
 	done
 
-# The temperature axis of multi-goal: four_goals, 3 seeds (TEMPERATURE_SEEDS), 10k frames, alpha in ALPHAS for S2AC (fixed q0), SAC and
-# SQL in the same harness (alpha = 0.2 comes from make multigoal's runs, read at 10k frames), then the report:
-# goals reached (mean of the evaluations at 8-10k frames) against alpha, and the comparisons at each alpha; per alpha,
-# multigoal.py's trajectories and entropies of the final policies.
+# The temperature axis of multi-goal on one layout (LAYOUT: four_goals or three_goals), 3 seeds (TEMPERATURE_SEEDS),
+# 10k frames, alpha in ALPHAS for S2AC (fixed q0), SAC and SQL in the same harness (alpha = 0.2 comes from
+# make multigoal's runs, read at 10k frames), then the report: goals reached (mean of the evaluations at 8-10k frames)
+# against alpha, and the comparisons at each alpha; per alpha, multigoal.py's trajectories and entropies of the final
+# policies. Everything lands in results/multigoal_temperature/<layout>/.
 ALPHAS ?= 1,3,10
 TEMPERATURE_SEEDS ?= 0,1,2
+LAYOUT ?= four_goals
+TEMPERATURE := results/multigoal_temperature/$(LAYOUT)
 COMMA := ,
 multigoal_temperature: $(STAMP)
 	for algorithm in sac sql s2ac; do \
-		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=four_goals \
+		$(PY) sota-implementations/$$algorithm.py -m +experiment=multigoal_$$algorithm env.layout=$(LAYOUT) \
 			$$algorithm.alpha=$(ALPHAS) seed=$(TEMPERATURE_SEEDS) collector.total_frames=10000 \
 			hydra.launcher.n_jobs=$(JOBS) resume=auto "hydra.sweep.subdir=alpha\$${$$algorithm.alpha}/seed\$${seed}" \
-			hydra.sweep.dir=results/multigoal_temperature/$$algorithm || exit 1; \
+			hydra.sweep.dir=$(TEMPERATURE)/$$algorithm || exit 1; \
 	done
-	$(PY) sota-implementations/report.py results/multigoal_temperature $(foreach a,s2ac sac sql,results/multigoal_20k/$(a)/four_goals) \
+	$(PY) sota-implementations/report.py $(TEMPERATURE) $(foreach a,s2ac sac sql,results/multigoal_20k/$(a)/$(LAYOUT)) \
 		--metric eval/goals_reached --across alpha --by s2ac.fixed_init_std --at-frames 10000 --final-window 3000 \
-		--out results/multigoal_temperature/report
+		--out $(TEMPERATURE)/report
 	for alpha in $(subst $(COMMA), ,$(ALPHAS)); do \
-		$(PY) sota-implementations/multigoal.py results/multigoal_temperature/*/alpha$$alpha --layout four_goals \
-			--out results/multigoal_temperature/alpha$$alpha || exit 1; \
+		$(PY) sota-implementations/multigoal.py $(TEMPERATURE)/*/alpha$$alpha --layout $(LAYOUT) \
+			--out $(TEMPERATURE)/alpha$$alpha || exit 1; \
 	done
 
 # The paper-scale campaign: 5 MuJoCo tasks x 5 seeds x 1M frames per algorithm, one multirun per algorithm
