@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -172,7 +173,7 @@ def main() -> None:
     lines = [
         f"# Multi-goal ({args.layout})",
         "",
-        f"Runs: {', '.join(f'`{run.directory}`' for run in runs)}.",
+        f"Runs: {', '.join(f'`{os.path.relpath(run.directory)}`' for run in runs)}.",
         "",
         f"Probe states: {list(PROBE_STATES)}. Entropy columns: the policy's own estimate (S2AC closed form, "
         f"SAC Monte Carlo; SQL and S2AC-amortized have none) / the k-NN estimate from {PROBE_ACTIONS} actions.",

@@ -1,4 +1,10 @@
-"""MultiGoalEnv: hand-computed steps, batching, obstacles, specs."""
+"""MultiGoalEnv: hand-computed steps, batching, obstacles, specs; a short S2AC training run and multigoal.py on it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,16 +130,13 @@ def test_bad_layout():
         MultiGoalEnv(layout="five_goals")
 
 
-def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
-    """S2AC on the 4-goal map with small networks and the authors' L = 3 for 2,000 frames (about 2 min on 2 cores)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
 
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "multigoal"
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """S2AC on the 4-goal map with small networks and the authors' L = 3 for 2,000 frames (about 2 min on 2 cores)."""
+    out = tmp_path_factory.mktemp("runs") / "multigoal"
     overrides = [
         "env=multigoal",
         "env.num_envs=2",
@@ -146,6 +149,7 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
         "network.init_cells=[64,64]",
         "s2ac.num_particles=8",
         "s2ac.num_steps=3",
+        "s2ac.amortized=true",
         "logger.eval_every_frames=100000",
         "logger.eval_episodes=20",
         "logger.backend=csv",
@@ -154,14 +158,19 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
         f"hydra.run.dir={out}",
     ]
     result = subprocess.run(
-        [sys.executable, str(root / "sota-implementations" / "s2ac.py"), *overrides],
+        [sys.executable, str(ROOT / "sota-implementations" / "s2ac.py"), *overrides],
         capture_output=True,
         text=True,
         timeout=1200,  # a hang guard: ~140 s beside two other runs on 2 cores
         env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    return out
+
+
+@pytest.mark.xdist_group("multigoal_training")
+def test_short_s2ac_training_beats_the_uniform_random_policy(trained_run):
+    final = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()][-1]
 
     torch.manual_seed(0)
     env = MultiGoalEnv(batch_size=(200,))
@@ -170,6 +179,51 @@ def test_short_s2ac_training_beats_the_uniform_random_policy(tmp_path):
     alive = (done.int().cumsum(-1) - done.int()) == 0
     random_return = (rollout["next", "reward"].squeeze(-1) * alive).sum(-1).mean().item()
     assert final["eval/return"] > random_return + 300, (final["eval/return"], random_return)
+
+
+@pytest.mark.xdist_group("multigoal_training")
+def test_multigoal_report_tests_each_policy_of_a_run(trained_run):
+    """``multigoal.py`` on the trained run: one table row per policy (SVGD particles and amortized sampler) and wall
+    setting, distinct goals equal to the goals with a positive hit fraction, the run named relative to the working
+    directory, and the figures written; a folder without runs of the layout stops it with a message naming it."""
+    script = str(ROOT / "sota-implementations" / "multigoal.py")
+    cwd = trained_run.parent
+    run = subprocess.run(
+        [sys.executable, script, "multigoal", "--layout", "four_goals", "--out", "report"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (cwd / "report" / "results_four_goals.md").read_text()
+    assert "Runs: `multigoal`." in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| S2AC")]
+    rows = [row for row in rows if row[1].isdigit()]  # the per-run table, not the summary over seeds
+    label = "| S2AC-learned-q0"  # the scripts' default q0 is learned
+    assert [(row[0], row[3]) for row in rows] == [
+        (label, "no"),
+        (label, "yes"),
+        (f"{label}-amortized", "no"),
+        (f"{label}-amortized", "yes"),
+    ]
+    for row in rows:
+        distinct, total = row[4].split("/")
+        hits = [float(value) for value in row[5].split(", ")]
+        assert int(total) == len(hits) == 4 and int(distinct) == sum(hit > 0 for hit in hits)
+        assert all(0 <= hit <= 1 for hit in hits) and sum(hits) <= 1 + 1e-6
+    for figure in ("trajectories_four_goals.png", "landscape_four_goals.png"):
+        assert (cwd / "report" / figure).stat().st_size > 0
+
+    missing = subprocess.run(
+        [sys.executable, script, "multigoal", "--layout", "three_goals", "--out", "report"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+    assert missing.returncode == 1 and "No finished three_goals multi-goal runs under ['multigoal']" in missing.stderr
 
 
 def test_goal_hits_counts_the_first_goal_of_each_episode():
