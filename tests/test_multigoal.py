@@ -186,16 +186,20 @@ def test_multigoal_report_tests_each_policy_of_a_run(trained_run):
     """``multigoal.py`` on the trained run: one table row per policy (SVGD particles and amortized sampler) and wall
     setting, distinct goals equal to the goals with a positive hit fraction, the run named relative to the working
     directory, and the figures written; a folder without runs of the layout stops it with a message naming it."""
-    script = str(ROOT / "sota-implementations" / "multigoal.py")
     cwd = trained_run.parent
-    run = subprocess.run(
-        [sys.executable, script, "multigoal", "--layout", "four_goals", "--out", "report"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+
+    def multigoal_py(layout):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "sota-implementations" / "multigoal.py"), "multigoal", "--layout", layout]
+            + ["--out", "report"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=cwd,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
+
+    run = multigoal_py("four_goals")
     assert run.returncode == 0, run.stderr[-3000:]
     table = (cwd / "report" / "results_four_goals.md").read_text()
     assert "Runs: `multigoal`." in table
@@ -216,13 +220,7 @@ def test_multigoal_report_tests_each_policy_of_a_run(trained_run):
     for figure in ("trajectories_four_goals.png", "landscape_four_goals.png"):
         assert (cwd / "report" / figure).stat().st_size > 0
 
-    missing = subprocess.run(
-        [sys.executable, script, "multigoal", "--layout", "three_goals", "--out", "report"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-    )
+    missing = multigoal_py("three_goals")
     assert missing.returncode == 1 and "No finished three_goals multi-goal runs under ['multigoal']" in missing.stderr
 
 
