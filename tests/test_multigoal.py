@@ -133,6 +133,18 @@ def test_bad_layout():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name, *args, cwd=None, timeout=600):
+    """``sota-implementations/<name>`` in a subprocess, its warnings silenced."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sota-implementations" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """S2AC on the 4-goal map with small networks and the authors' L = 3 for 2,000 frames (about 2 min on 2 cores)."""
@@ -157,13 +169,7 @@ def trained_run(tmp_path_factory):
         "replay_buffer.size=10000",
         f"hydra.run.dir={out}",
     ]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "sota-implementations" / "s2ac.py"), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=1200,  # a hang guard: ~140 s beside two other runs on 2 cores
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+    result = run_script("s2ac.py", *overrides, timeout=1200)  # a hang guard: ~140 s beside two other runs on 2 cores
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -189,15 +195,7 @@ def test_multigoal_report_tests_each_policy_of_a_run(trained_run):
     cwd = trained_run.parent
 
     def multigoal_py(layout):
-        return subprocess.run(
-            [sys.executable, str(ROOT / "sota-implementations" / "multigoal.py"), "multigoal", "--layout", layout]
-            + ["--out", "report"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=cwd,
-            env=dict(os.environ, PYTHONWARNINGS="ignore"),
-        )
+        return run_script("multigoal.py", "multigoal", "--layout", layout, "--out", "report", cwd=cwd)
 
     run = multigoal_py("four_goals")
     assert run.returncode == 0, run.stderr[-3000:]
