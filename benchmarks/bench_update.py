@@ -367,8 +367,9 @@ def main() -> None:
     lines += [
         "## Full update (critic + actor + target), batch 100, authors' settings (m = 10, L = 3)",
         "",
-        "ms per update, interleaved. S2AC / SAC: eager against eager, and compiled (S2AC's faster compiled variant: the "
-        "bf16 score path where the CPU or GPU has bf16 matrix units, fp32 where bf16 is emulated) against compiled.",
+        "ms per update, interleaved. S2AC / SAC: eager against eager, and compiled (S2AC's faster compiled variant: "
+        "the bf16 score path where the CPU or GPU has bf16 matrix units, fp32 where bf16 is emulated) against "
+        "compiled.",
         "",
         "| task shapes | S2AC eager | S2AC compiled | S2AC compiled, bf16 score | SAC eager | SAC compiled | "
         "S2AC / SAC eager | S2AC / SAC compiled |",

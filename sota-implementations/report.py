@@ -1,11 +1,12 @@
-"""Report over training runs: scores per run, aggregates with bootstrap confidence intervals, learning curves.
+r"""Report over training runs: scores per run, aggregates with bootstrap confidence intervals, learning curves.
 
     python sota-implementations/report.py results/hopper_100k --out results/hopper_100k/report
     python sota-implementations/report.py multirun/s2ac/Hopper-v5/2026-* --by s2ac.max_step_ratio --out ablation
     python sota-implementations/report.py results/multigoal_sql_haarnoja --metric eval/goals_reached
     python sota-implementations/report.py results/hopper_ablations results/hopper_100k/sac --at-frames 30000
     python sota-implementations/report.py results/hopper_100k --metric train/episode_return --final-window 10000
-    python sota-implementations/report.py results/multigoal_temperature/four_goals --metric eval/goals_reached --across alpha
+    python sota-implementations/report.py results/multigoal_temperature/four_goals --metric eval/goals_reached \
+        --across alpha
 
 A run is any directory holding ``metrics.jsonl`` and ``.hydra/`` (a hydra run or multirun job, here or
 on a cluster); the paths given are searched recursively. Runs are grouped by task (``env.name``, plus

@@ -233,9 +233,19 @@ def test_actor_in_collector(env_name, exploration):
     assert env.action_spec_unbatched.is_in(data["action"][0, 0])
 
 
-def test_compiled_acting_matches_eager():
-    actor, _ = make_actor(compile_acting=True, return_log_prob=True, particle_keys=["pa", "plp"], max_step_ratio=0.5)
+@pytest.mark.parametrize("selection", ["random", "max", "softmax"])
+def test_compiled_acting_matches_eager(selection):
+    """Sampling and the particle choice compile into one graph that acts as the eager actor does."""
+    actor, _ = make_actor(
+        compile_acting=True,
+        return_log_prob=True,
+        particle_keys=["pa", "plp"],
+        max_step_ratio=0.5,
+        eval_selection=selection,
+    )
     td = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     # fallback_random: the compiled graph draws its random numbers as eager does, so one seed gives one sample
     with (
         torch.no_grad(),
@@ -247,10 +257,13 @@ def test_compiled_acting_matches_eager():
         actor.compile_acting = False
         torch.manual_seed(7)
         eager = actor(td.clone())
-    assert actor._compiled_sample is not None
-    torch.testing.assert_close(compiled["pa"], eager["pa"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled["plp"], eager["plp"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(compiled["action"], eager["action"], rtol=1e-4, atol=1e-5)
+    assert actor._compiled_choose is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for key in ("pa", "action"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+    for key in ("plp", "action_log_prob"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4)
 
 
 def test_actor_compiled_by_the_collector():

@@ -15,13 +15,14 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
+from torchrl_s2ac.finite import first_non_finite
 from torchrl_s2ac.kernels import RBFKernel
 from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
 from torchrl_s2ac.modules.temperature import Temperature
 from torchrl_s2ac.stein import SteinEntropy
 
-__all__ = ["ParticleSample", "SVGDActor"]
+__all__ = ["ParticleChoice", "ParticleSample", "SVGDActor"]
 
 SELECTIONS = ("random", "max", "softmax", "amortized")
 
@@ -47,6 +48,20 @@ class ParticleSample(NamedTuple):
     init_scale: torch.Tensor
     noise: torch.Tensor
     capped_fraction: torch.Tensor
+
+
+class ParticleChoice(NamedTuple):
+    """The particle each state acts with, and the sample it was chosen from.
+
+    Attributes:
+        action: the chosen particle :math:`a_{i^*}`, ``[*batch, d]``.
+        log_prob: its closed-form :math:`\\log\\pi(a_{i^*}|s)`, ``[*batch]`` (``None`` if not asked for).
+        sample: all ``m`` particles (:class:`ParticleSample`).
+    """
+
+    action: torch.Tensor
+    log_prob: torch.Tensor | None
+    sample: ParticleSample
 
 
 class SVGDActor(TensorDictModuleBase):
@@ -120,11 +135,16 @@ class SVGDActor(TensorDictModuleBase):
             Stein trace (cheaper). Defaults to ``False``, like TorchRL's ``ProbabilisticActor``.
         log_prob_key: defaults to ``"action_log_prob"``.
         compile_acting (bool): run the acting path (calls made with gradients off: collectors,
-            evaluation) through :func:`torch.compile`. Possible because the closed-form
-            critic gradient needs no double backward; the loss path stays eager. The first
-            call compiles (seconds). Defaults to ``False``. The whole actor also compiles as one
-            graph, e.g. through a TorchRL collector's ``compile_policy`` (then the finite checks
-            and the invertibility warning are left out).
+            evaluation), sampling and particle choice together (:meth:`choose`), as one
+            :func:`torch.compile` graph, with inductor's C++ wrapper on CPU (it spares each call
+            the Python launcher of the graph's kernels). Possible because the closed-form critic
+            gradient needs no double backward; the loss path stays eager. One host synchronisation
+            per call checks the particles for NaN or inf (rerunning eagerly, which names the
+            failing SVGD step), one more reads the step ratio for the invertibility warning (none
+            with ``warn_ratio=None``). The first call per selection rule compiles (seconds).
+            Defaults to ``False``. The whole actor also compiles as one graph, e.g. through a
+            TorchRL collector's ``compile_policy`` (then the finite checks and the invertibility
+            warning are left out).
         particle_keys: when given (two keys), all particles ``[*batch, m, d]`` and
             their log-probabilities ``[*batch, m]`` (with ``return_log_prob``) are written too.
         amortized_sampler (AmortizedSampler, optional): the fast-inference network
@@ -254,11 +274,11 @@ class SVGDActor(TensorDictModuleBase):
             )
         self.amortized_sampler = amortized_sampler
         self.compile_acting = compile_acting
-        self._compiled_sample = None  # built lazily, per process (not pickled)
+        self._compiled_choose = None  # built lazily, per process (not pickled)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_compiled_sample"] = None
+        state["_compiled_choose"] = None
         return state
 
     @property
@@ -266,19 +286,25 @@ class SVGDActor(TensorDictModuleBase):
         r"""The temperature :math:`\alpha` the actor acts with (detached)."""
         return self.temperature().detach()
 
-    def _acting_sample(self, observation: torch.Tensor) -> ParticleSample:
+    def _acting_choice(self, observation: torch.Tensor, selection: str) -> ParticleChoice:
         # A caller compiling the whole policy (a collector's compile_policy) traces the eager path into its graph.
         if not self.compile_acting or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.sample_particles(observation, with_log_prob=self.return_log_prob)
-        if self._compiled_sample is None:
-            self._compiled_sample = torch.compile(self.sample_particles, dynamic=False)
-        sample = self._compiled_sample(observation, with_log_prob=self.return_log_prob)
-        outputs = [sample.action] if sample.log_prob is None else [sample.action, sample.log_prob]
-        if self.stein.check_finite and not all(torch.isfinite(x).all() for x in outputs):
+            return self.choose(observation, selection)
+        if self._compiled_choose is None:
+            options = {"cpp_wrapper": True} if observation.device.type == "cpu" else None
+            self._compiled_choose = torch.compile(self.choose, dynamic=False, options=options)
+        choice = self._compiled_choose(observation, selection)
+        sample = choice.sample
+        outputs = (
+            {"action": sample.action}
+            if sample.log_prob is None
+            else {"action": sample.action, "log_prob": sample.log_prob}
+        )
+        if self.stein.check_finite and first_non_finite(outputs) is not None:
             # The compiled graph skips the per-step checks; rerun eagerly to name the failing step.
-            return self.sample_particles(observation, with_log_prob=self.return_log_prob)
+            return self.choose(observation, selection)
         self.stein.warn_if_not_invertible(sample.step_ratio)  # also left out of the graph
-        return sample
+        return choice
 
     def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Mean :math:`\mu_\theta(s)` and clamped std :math:`\sigma_\theta(s)` of :math:`q^0`, each ``[*batch, d]``."""
@@ -349,7 +375,19 @@ class SVGDActor(TensorDictModuleBase):
             q = self.critic.min_values(observation.unsqueeze(-2), sample.action.detach())
         if selection == "max":
             return q.argmax(-1)
-        return torch.distributions.Categorical(logits=q / self.alpha).sample()
+        # Gumbel-max: argmax_i (Q_i / alpha + G_i), G_i ~ Gumbel(0, 1), is distributed as softmax(Q / alpha),
+        # without the host-side argument checks of torch.distributions (which break a compiled graph).
+        gumbel = -torch.empty_like(q).exponential_().log()
+        return (q / self.alpha + gumbel).argmax(-1)
+
+    def choose(self, observation: torch.Tensor, selection: str) -> ParticleChoice:
+        """Sample the ``m`` particles of each state (:meth:`sample_particles`, with the log-density when
+        ``return_log_prob``) and pick the one to act with by ``selection`` (:meth:`select`)."""
+        sample = self.sample_particles(observation, with_log_prob=self.return_log_prob)
+        index = self.select(observation, sample, selection)
+        action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
+        log_prob = None if sample.log_prob is None else sample.log_prob.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        return ParticleChoice(action.squeeze(-2), log_prob, sample)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get(self.in_keys[0])
@@ -357,14 +395,12 @@ class SVGDActor(TensorDictModuleBase):
         if selection == "amortized":
             tensordict.set(self.out_keys[0], self.amortized_sampler.act(observation, explore=self._exploring()))
             return tensordict
-        sample = self._acting_sample(observation)
-        index = self.select(observation, sample, selection)
-        action = sample.action.gather(-2, index[..., None, None].expand(*index.shape, 1, self.action_dim))
-        tensordict.set(self.out_keys[0], action.squeeze(-2))
+        choice = self._acting_choice(observation, selection)
+        tensordict.set(self.out_keys[0], choice.action)
         if self.return_log_prob:
-            tensordict.set(self.log_prob_key, sample.log_prob.gather(-1, index.unsqueeze(-1)).squeeze(-1))
+            tensordict.set(self.log_prob_key, choice.log_prob)
         if self.particle_keys is not None:
-            tensordict.set(self.particle_keys[0], sample.action)
+            tensordict.set(self.particle_keys[0], choice.sample.action)
             if self.return_log_prob:
-                tensordict.set(self.particle_keys[1], sample.log_prob)
+                tensordict.set(self.particle_keys[1], choice.sample.log_prob)
         return tensordict
