@@ -1,6 +1,7 @@
 """SoftQCritic and SVGDActor: math, TensorDict interface, TorchRL collectors."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -257,7 +258,8 @@ def test_compiled_acting_matches_eager(selection):
         actor.compile_acting = False
         torch.manual_seed(7)
         eager = actor(td.clone())
-    assert actor._compiled_choose is not None
+    assert list(actor._compiled_choose) == ["cpu"]
+    assert pickle.loads(pickle.dumps(actor))._compiled_choose == {}  # compiled code stays in its process
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     for key in ("pa", "action"):

@@ -274,11 +274,11 @@ class SVGDActor(TensorDictModuleBase):
             )
         self.amortized_sampler = amortized_sampler
         self.compile_acting = compile_acting
-        self._compiled_choose = None  # built lazily, per process (not pickled)
+        self._compiled_choose = {}  # per device type, built lazily, per process (not pickled)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_compiled_choose"] = None
+        state["_compiled_choose"] = {}
         return state
 
     @property
@@ -290,10 +290,11 @@ class SVGDActor(TensorDictModuleBase):
         # A caller compiling the whole policy (a collector's compile_policy) traces the eager path into its graph.
         if not self.compile_acting or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.choose(observation, selection)
-        if self._compiled_choose is None:
-            options = {"cpp_wrapper": True} if observation.device.type == "cpu" else None
-            self._compiled_choose = torch.compile(self.choose, dynamic=False, options=options)
-        choice = self._compiled_choose(observation, selection)
+        device_type = observation.device.type
+        if device_type not in self._compiled_choose:
+            options = {"cpp_wrapper": True} if device_type == "cpu" else None
+            self._compiled_choose[device_type] = torch.compile(self.choose, dynamic=False, options=options)
+        choice = self._compiled_choose[device_type](observation, selection)
         sample = choice.sample
         outputs = (
             {"action": sample.action}
