@@ -234,12 +234,12 @@ def test_actor_in_collector(env_name, exploration):
     assert env.action_spec_unbatched.is_in(data["action"][0, 0])
 
 
-@pytest.mark.parametrize("selection", ["random", "max", "softmax"])
-def test_compiled_acting_matches_eager(selection):
+@pytest.mark.parametrize("selection, return_log_prob", [("random", True), ("max", True), ("softmax", False)])
+def test_compiled_acting_matches_eager(selection, return_log_prob):
     """Sampling and the particle choice compile into one graph that acts as the eager actor does."""
     actor, _ = make_actor(
         compile_acting=True,
-        return_log_prob=True,
+        return_log_prob=return_log_prob,
         particle_keys=["pa", "plp"],
         max_step_ratio=0.5,
         eval_selection=selection,
@@ -264,12 +264,16 @@ def test_compiled_acting_matches_eager(selection):
     assert not torch._dynamo.utils.counters["graph_break"]
     for key in ("pa", "action"):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
-    for key in ("plp", "action_log_prob"):
+    log_prob_keys = ("plp", "action_log_prob")
+    assert all((key in compiled.keys()) == return_log_prob for key in log_prob_keys)
+    for key in log_prob_keys if return_log_prob else ():
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4)
 
 
-def test_actor_compiled_by_the_collector():
-    """TorchRL's ``compile_policy`` compiles the whole actor (selection included) without a graph break."""
+@pytest.mark.parametrize("compile_policy", [True, {"warmup": 0, "options": {"cpp_wrapper": True}}])
+def test_actor_compiled_by_the_collector(compile_policy):
+    """TorchRL's ``compile_policy`` compiles the whole actor (selection included) without a graph break, with
+    TorchRL's defaults and with the scripts' settings (compiled from the first call, inductor's C++ wrapper)."""
     env = TransformedEnv(GymEnv("Pendulum-v1"), Compose(InitTracker(), DoubleToFloat(), StepCounter(20)))
     critic = SoftQCritic(3, 1, num_cells=(32,))
     actor = SVGDActor(
@@ -282,8 +286,14 @@ def test_actor_compiled_by_the_collector():
         compile_acting=True,  # inside the collector's graph, the actor's own compilation steps aside
     )
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     collector = Collector(
-        env, actor, frames_per_batch=20, total_frames=40, exploration_type=ExplorationType.RANDOM, compile_policy=True
+        env,
+        actor,
+        frames_per_batch=20,
+        total_frames=40,
+        exploration_type=ExplorationType.RANDOM,
+        compile_policy=compile_policy,
     )
     batches = list(collector)
     collector.shutdown()
@@ -291,3 +301,6 @@ def test_actor_compiled_by_the_collector():
     assert all(torch.isfinite(data["action"]).all() and not data["action"].requires_grad for data in batches)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert not torch._dynamo.utils.counters["graph_break"]
+    # TorchRL's default first call runs the policy uncompiled, where the actor compiles its own sampler; from the
+    # first call on, the collector's graph traces the eager path instead.
+    assert list(actor._compiled_choose) == ([] if isinstance(compile_policy, dict) else ["cpu"])
