@@ -13,7 +13,7 @@ from torchrl.data import Bounded, Unbounded
 from torchrl.envs import Compose, DoubleToFloat, GymEnv, InitTracker, SerialEnv, StepCounter, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_s2ac import SoftQCritic, SVGDActor, TanhSquash
+from torchrl_s2ac import SoftQCritic, SVGDActor, SVGDNumericalError, TanhSquash
 
 DT = torch.float64
 
@@ -268,6 +268,18 @@ def test_compiled_acting_matches_eager(selection, return_log_prob):
     assert all((key in compiled.keys()) == return_log_prob for key in log_prob_keys)
     for key in log_prob_keys if return_log_prob else ():
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_acting_names_the_failing_step_of_a_non_finite_sample():
+    """The compiled graph has no per-step checks; a non-finite sample is rerun eagerly, which names the step."""
+    actor, critic = make_actor(compile_acting=True)
+    td = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    with torch.no_grad():
+        actor(td.clone())
+        assert list(actor._compiled_choose) == ["cpu"]
+        critic.weights[1][0, 0, 0] = float("nan")  # finite particles in, non-finite score out
+        with pytest.raises(SVGDNumericalError, match=r"SVGD step 0 of 2: non-finite values in the score"):
+            actor(td.clone())
 
 
 @pytest.mark.parametrize("compile_policy", [True, {"warmup": 0, "options": {"cpp_wrapper": True}}])
