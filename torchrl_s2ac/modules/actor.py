@@ -144,7 +144,7 @@ class SVGDActor(TensorDictModuleBase):
             non-finite value the call reruns eagerly, which raises naming the failing SVGD step (or
             warns, if the rerun's fresh draws are finite). One more reads the step ratio for the
             invertibility warning (none with ``warn_ratio=None``). The first call per selection
-            rule, batch shape and device type compiles (about 10 s on a 2-core CPU).
+            rule, batch shape and device type compiles (seconds).
             Defaults to ``False``. The whole actor also compiles as one graph, e.g. through a
             TorchRL collector's ``compile_policy`` (then the finite checks and the invertibility
             warning are left out).
@@ -299,11 +299,8 @@ class SVGDActor(TensorDictModuleBase):
             self._compiled_choose[device_type] = torch.compile(self.choose, dynamic=False, options=options)
         choice = self._compiled_choose[device_type](observation, selection)
         sample = choice.sample
-        outputs = (
-            {"action": sample.action}
-            if sample.log_prob is None
-            else {"action": sample.action, "log_prob": sample.log_prob}
-        )
+        outputs = {"action": sample.action, "log_prob": sample.log_prob}
+        outputs = {name: value for name, value in outputs.items() if value is not None}
         if self.stein.check_finite and first_non_finite(outputs) is not None:
             # The compiled graph skips the per-step checks; rerun eagerly, which raises naming the failing step.
             choice = self.choose(observation, selection)
