@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy hopper ablations multigoal multigoal_temperature campaign clean
+.PHONY: setup train test docs bench entropy hopper walker2d ablations multigoal multigoal_temperature campaign clean
 
 setup: $(STAMP)
 
@@ -42,26 +42,44 @@ SEEDS ?= 0,1,2,3,4
 JOBS ?= 2
 EVAL := logger.eval_every_frames=5000 logger.eval_episodes=10
 
-# S2AC vs SAC vs SQL on Hopper-v5, 100k frames, 5 seeds (hours per S2AC run on 2 cores), then the report.
-# Each algorithm with its authors' settings; SQL with Haarnoja et al.'s (experiment/sql_mujoco_haarnoja.yaml).
-# resume=auto: rerun after a stop to finish what is unfinished (each run continues from its own checkpoint);
-# run directories are named by what varies (seed, task, layout), never by job number, so a rerun with more
-# seeds finds the finished ones. S2AC_SCORE=bfloat16 runs S2AC's SVGD score path in bf16 (1.56x faster compiled
-# update on a CPU with AMX, the same learning in the ablation's default_bf16 arm); a rerun keeps its runs' precision.
+# S2AC vs SAC vs SQL on one MuJoCo task, one multirun per algorithm, then the report (hours per S2AC run on 2 cores).
+# Each algorithm with its authors' settings; SQL with Haarnoja et al.'s (experiment/sql_mujoco_haarnoja.yaml) and
+# their per-task temperature. resume=auto: rerun after a stop to finish what is unfinished (each run continues from
+# its own checkpoint), or with a larger budget to extend finished runs whose checkpoints are still here
+# (collector.total_frames may change on resume; the replay buffer is sized for 100k from the start).
+# Run directories are named by what varies (seed), never by job number, so a rerun with more seeds finds the
+# finished ones. S2AC_SCORE=bfloat16 runs S2AC's SVGD score path in bf16 (1.56x faster compiled update on a CPU with
+# AMX, the same learning in the ablation's default_bf16 arm); a rerun keeps its runs' precision.
 S2AC_SCORE ?= null
-HOPPER := env=hopper seed=$(SEEDS) collector.total_frames=100000 $(EVAL) replay_buffer.size=100000 \
-	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'
 # What the report plots beside the returns: the entropy (S2AC's closed form, SAC's sample estimate), q0's sigma
 # (mean and batch minimum: its collapse), the share of states whose SVGD step was capped, the Q scale and the
 # critic's gradient norm.
-HOPPER_DIAGNOSTICS := train/entropy train/init_scale_mean train/init_scale_min train/svgd_capped_fraction \
+DIAGNOSTICS := train/entropy train/init_scale_mean train/init_scale_min train/svgd_capped_fraction \
 	train/q_mean train/grad_norm_critic
+# $(call compare,task,seeds,frames,out dir,SQL alpha,how the second report scores the stochastic policies)
+define compare
+	$(PY) sota-implementations/s2ac.py -m $(call comparison,$(1),$(2),$(3)) compile.compile=true \
+		s2ac.score_dtype=$(S2AC_SCORE) hydra.sweep.dir=$(4)/s2ac
+	$(PY) sota-implementations/sac.py -m $(call comparison,$(1),$(2),$(3)) hydra.sweep.dir=$(4)/sac
+	$(PY) sota-implementations/sql.py -m $(call comparison,$(1),$(2),$(3)) +experiment=sql_mujoco_haarnoja \
+		sql.alpha=$(5) hydra.sweep.dir=$(4)/sql
+	$(PY) sota-implementations/report.py $(4) --diagnostics $(DIAGNOSTICS)
+	$(PY) sota-implementations/report.py $(4) $(6) --out $(4)/stochastic
+endef
+comparison = env=$(1) seed=$(2) collector.total_frames=$(3) $(EVAL) replay_buffer.size=100000 \
+	hydra.launcher.n_jobs=$(JOBS) resume=auto 'hydra.sweep.subdir=seed$${seed}'
+
+# Hopper-v5, 100k frames, 5 seeds. Its runs predate eval/return_stochastic: the stochastic policies are scored by
+# their training episodes over the last 10k frames.
 hopper: $(STAMP)
-	$(PY) sota-implementations/s2ac.py -m $(HOPPER) compile.compile=true s2ac.score_dtype=$(S2AC_SCORE) \
-		hydra.sweep.dir=results/hopper_100k/s2ac
-	$(PY) sota-implementations/sac.py -m $(HOPPER) hydra.sweep.dir=results/hopper_100k/sac
-	$(PY) sota-implementations/sql.py -m $(HOPPER) +experiment=sql_mujoco_haarnoja hydra.sweep.dir=results/hopper_100k/sql
-	$(PY) sota-implementations/report.py results/hopper_100k --diagnostics $(HOPPER_DIAGNOSTICS)
+	$(call compare,hopper,$(SEEDS),100000,results/hopper_100k,0.0333,--metric train/episode_return --final-window 10000)
+
+# Walker2d-v5 (Haarnoja et al.'s reward scale 10: SQL alpha 0.1). What ran here: 3 seeds, 30k frames (about an
+# hour per S2AC run on the 2-core AVX2 CPU); WALKER_SEEDS=0,1,2,3,4 WALKER_FRAMES=100000 is the paper-style budget.
+WALKER_SEEDS ?= 0,1,2
+WALKER_FRAMES ?= 30000
+walker2d: $(STAMP)
+	$(call compare,walker2d,$(WALKER_SEEDS),$(WALKER_FRAMES),results/walker2d,0.1,--metric eval/return_stochastic)
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting
 # changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun
