@@ -133,9 +133,10 @@ def score(log_density: LogDensity, particles: torch.Tensor, create_graph: bool) 
 def svgd_direction(kernel: KernelMatrix, score: torch.Tensor) -> torch.Tensor:
     r"""SVGD direction :math:`\phi(u_i) = \frac1m\sum_j k_{ij}[s_j + (u_i - u_j)/h]`, ``[*batch, m, d]``."""
     m = score.shape[-2]
-    driving = kernel.value @ score
-    repulsive = (kernel.value.unsqueeze(-1) * kernel.diff).sum(-2) / kernel.bandwidth
-    return (driving + repulsive) / m
+    # One broadcast product and sum over j (no batched [m, m] @ [m, d] product: at m = 10 its per-matrix
+    # overhead dominates, where this fuses into one kernel when compiled).
+    summand = kernel.value.unsqueeze(-1) * (score.unsqueeze(-3) + kernel.diff / kernel.bandwidth.unsqueeze(-1))
+    return summand.sum(-2) / m
 
 
 def stein_trace(kernel: KernelMatrix, score: torch.Tensor) -> torch.Tensor:

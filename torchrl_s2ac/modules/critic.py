@@ -25,6 +25,13 @@ _ACTIVATION_DERIVATIVES = {
 }
 
 
+def _unit_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The output layer ``x @ w + b`` of one unit (``weight [num_q, in, 1]``) as a product and a sum over ``in``:
+    a batched matrix-vector product runs at a small fraction of the matrix units' rate on CPU, where this is
+    one fused reduction when compiled."""
+    return (x * weight.transpose(-1, -2)).sum(-1, keepdim=True) + bias
+
+
 class SoftQCritic(TensorDictModuleBase):
     r"""``num_qvalue_nets`` independent MLP critics :math:`Q_k(s, a)` with stacked weights.
 
@@ -125,10 +132,10 @@ class SoftQCritic(TensorDictModuleBase):
                 # next to its differences between particles and members, which a 16-bit output rounds away
                 # (bf16 keeps 3 significant digits: 0.5 at Q = 100), flipping min_k Q_k's member.
                 with torch.autocast(x.device.type, enabled=False):
-                    return torch.baddbmm(bias, x.to(weight.dtype), weight), slopes, batch_shape
-            z = torch.baddbmm(bias, x, weight)
+                    return _unit_output(x.to(weight.dtype), weight, bias), slopes, batch_shape
             if index == last:
-                return z, slopes, batch_shape
+                return _unit_output(x, weight, bias), slopes, batch_shape
+            z = torch.baddbmm(bias, x, weight)
             x = self.activation(z)
             if keep_slopes:
                 slopes.append(derivative(self.activation, z, x))
