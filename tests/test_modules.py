@@ -56,6 +56,23 @@ def test_critic_ensemble_and_closed_form_action_gradient(activation):
     torch.testing.assert_close(dq_min, expected)
 
 
+def test_critic_broadcasts_observations_and_actions_like_their_expanded_copies():
+    """An observation shared by the m particles of a state is passed once and broadcast: values and parameter
+    gradients equal those of the explicitly expanded inputs, whichever side broadcasts."""
+    critic = SoftQCritic(4, 2, num_cells=(16, 8), num_qvalue_nets=2).to(DT)
+    observation, action = torch.randn(5, 1, 4, dtype=DT), torch.randn(5, 7, 2, dtype=DT)
+    cases = [(observation, action), (observation[0, 0], action), (observation.expand(5, 7, 4), action[0, 0])]
+    for obs, act in cases:
+        broadcast = critic.ensemble_values(obs, act)
+        grads = torch.autograd.grad(broadcast.square().sum(), list(critic.parameters()))
+        expanded = critic.ensemble_values(obs.expand(5, 7, 4), act.expand(5, 7, 2))
+        expected_grads = torch.autograd.grad(expanded.square().sum(), list(critic.parameters()))
+        assert broadcast.shape == (2, 5, 7)
+        torch.testing.assert_close(broadcast, expanded)
+        for grad, expected in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected)
+
+
 def test_critic_output_layer_stays_in_full_precision_under_autocast():
     """Under bf16 autocast the hidden layers run in bf16 but Q itself is computed in fp32: a Q offset by 100
     keeps the differences between actions that a bf16 output (resolution 0.5 at 100) would round away."""
