@@ -59,6 +59,7 @@ from torchrl.record import VideoRecorder
 from torchrl.record.loggers import generate_exp_name, get_logger
 
 import checkpoint
+import metrics_log
 import sweep
 import torchrl_s2ac
 from torchrl_s2ac import NonFiniteError, SoftQCritic, describe_device, first_non_finite
@@ -372,24 +373,11 @@ def check_same_run(cfg: DictConfig) -> None:
         raise ConfigError(f"resume=auto: {os.getcwd()} holds a run trained with other settings ({detail}).")
 
 
-def final_records(path: Path) -> list[dict]:
-    """The final-evaluation records of a ``metrics.jsonl`` (lines torn by a kill are ignored)."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("final"):
-            records.append(record)
-    return records
-
-
 def finished_result(cfg: DictConfig) -> dict | None:
     """With ``resume=auto``, the final evaluation of this run directory when it already reached its budget."""
     if cfg.resume != AUTO_RESUME:
         return None
-    done = [r for r in final_records(Path("metrics.jsonl")) if r.get("frames", 0) >= cfg.collector.total_frames]
+    done = metrics_log.final_records(Path("metrics.jsonl"), cfg.collector.total_frames)
     return done[-1] if done else None
 
 
@@ -401,7 +389,7 @@ def set_aside_orphan_metrics(cfg: DictConfig) -> None:
     path = Path("metrics.jsonl")
     if cfg.resume != AUTO_RESUME or resume_source(cfg) is not None or not path.exists():
         return
-    finals = final_records(path)
+    finals = metrics_log.final_records(path)
     if finals:
         frames = finals[-1].get("frames")
         raise checkpoint.CheckpointError(
@@ -873,22 +861,6 @@ def checkpoint_identity(cfg: DictConfig, algorithm: str, env: EnvBase) -> dict:
     return identity
 
 
-def truncate_metrics(path: Path, frames: int) -> None:
-    """Drop the records of ``path`` logged after ``frames`` (by a run killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["frames"] <= frames:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):  # a line torn by a kill
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
@@ -1020,7 +992,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
             replay_buffer=replay_buffer,
             identity=resume_identity,
         )
-        truncate_metrics(Path("metrics.jsonl"), state["frames"])
+        metrics_log.truncate(Path("metrics.jsonl"), state["frames"])
     identity = run_identity(cfg, algorithm)
     Path("run.json").write_text(json.dumps({**identity, "hydra_files": hydra_files()}, indent=1) + "\n")
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -53,6 +52,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from rliable import library as rly  # noqa: E402
 from rliable import metrics  # noqa: E402
 from scipy import stats  # noqa: E402
+
+import metrics_log  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -111,11 +112,12 @@ def load_run(
     the config key ``across`` itself (``env.goal_radius``)."""
     cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
     algorithm = OmegaConf.load(directory / ".hydra" / "hydra.yaml").hydra.job.name
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = metrics_log.read_records(directory / "metrics.jsonl")
+    budget = int(cfg.collector.total_frames)
     evals = {r["frames"]: r[metric] for r in records if metric in r and not r.get("final")}
-    finals = [r[metric] for r in records if r.get("final") and metric in r]
+    # A run continued with a larger budget keeps its earlier end-of-training record: not final at this budget.
+    finals = [r[metric] for r in records if r.get("final") and r["frames"] >= budget and metric in r]
     if final_window is not None:
-        budget = int(cfg.collector.total_frames)
         reached = max((r["frames"] for r in records), default=0) >= budget
         window = [value for frames, value in evals.items() if frames > budget - final_window]
         finals = [float(np.mean(window))] if reached and window else []
@@ -147,7 +149,7 @@ def load_run(
         frames=frames,
         scores=np.array([evals[f] for f in sorted(evals)], dtype=float),
         final=finals[-1] if finals else None,
-        total_frames=int(cfg.collector.total_frames),
+        total_frames=budget,
         records=records,
         settings=tuple(tuple(entry.split("=", 1)) for entry in variant),
         across=value,

@@ -75,6 +75,24 @@ def test_cost_is_the_last_timed_record_also_at_a_shorter_budget(tmp_path):
     assert untimed.cost is None
 
 
+def test_a_run_continued_to_a_larger_budget_is_unfinished_until_it_reaches_it(tmp_path):
+    # Finished at 3k frames, then continued toward 5k: its 3k final record stays in metrics.jsonl, the config
+    # now says 5k, and the run is killed while writing its 4k record.
+    directory = fake_run(tmp_path, "s2ac", 0, [1.0, 2.0, 3.0], 3.0)
+    config = yaml.safe_load((directory / ".hydra" / "config.yaml").read_text())
+    config["collector"]["total_frames"] = 5000
+    (directory / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    with (directory / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"frames": 4000, "eval/return": 4.0}) + "\n" + '{"frames": 45')
+    run = report.load_run(directory, "eval/return", [])
+    assert run.final is None and run.total_frames == 5000
+    np.testing.assert_array_equal(run.scores, [1.0, 2.0, 3.0, 4.0])
+    assert report.at_budget(run, 3000).final == 3.0  # its evaluation at 3k frames, a valid 3k-frame score
+    with (directory / "metrics.jsonl").open("a") as metrics:
+        metrics.write("\n" + json.dumps({"frames": 5000, "eval/return": 5.0, "final": 1}) + "\n")
+    assert report.load_run(directory, "eval/return", []).final == 5.0
+
+
 def test_overlapping_groups_are_not_distinguishable(tmp_path):
     rng = np.random.default_rng(0)
     for algorithm in ("s2ac", "sac"):
