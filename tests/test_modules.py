@@ -1,5 +1,6 @@
 """SoftQCritic and SVGDActor: math, TensorDict interface, TorchRL collectors."""
 
+import functools
 import math
 import pickle
 
@@ -28,7 +29,11 @@ def member_values(critic, observation, action, k):
     return x.squeeze(-1)
 
 
-@pytest.mark.parametrize("activation", [nn.ELU, nn.ReLU, nn.Tanh])
+@pytest.mark.parametrize(
+    "activation",
+    [nn.ELU, functools.partial(nn.ELU, alpha=0.5), functools.partial(nn.ELU, alpha=2.0), nn.ReLU, nn.Tanh],
+    ids=["ELU", "ELU-alpha0.5", "ELU-alpha2", "ReLU", "Tanh"],
+)
 def test_critic_ensemble_and_closed_form_action_gradient(activation):
     critic = SoftQCritic(4, 2, num_cells=(16, 8), activation_class=activation, num_qvalue_nets=3).to(DT)
     observation = torch.randn(5, 7, 4, dtype=DT)

@@ -16,10 +16,9 @@ __all__ = ["CriticEnsemble", "SoftQCritic", "as_critic_ensemble"]
 
 # act'(z) from the pre-activation z and the activation's output y.
 _ACTIVATION_DERIVATIVES = {
-    # ELU: 1 for z > 0, y + alpha otherwise; for alpha <= 1 that is min(y + alpha, 1).
-    nn.ELU: lambda act, z, y: (
-        (y + act.alpha).clamp(max=1.0) if act.alpha <= 1 else torch.where(z > 0, 1.0, y + act.alpha)
-    ),
+    # ELU: 1 for z > 0, y + alpha otherwise; for alpha = 1 that is min(y + 1, 1) (y + 1 = z + 1 > 1 for z > 0,
+    # y + 1 = exp(z) <= 1 otherwise): one fused op. For other alpha, z + alpha < 1 is possible at z > 0.
+    nn.ELU: lambda act, z, y: (y + 1.0).clamp(max=1.0) if act.alpha == 1 else torch.where(z > 0, 1.0, y + act.alpha),
     nn.ReLU: lambda act, z, y: (z > 0).to(z.dtype),
     nn.Tanh: lambda act, z, y: 1 - y.square(),
 }
