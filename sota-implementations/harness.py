@@ -132,6 +132,7 @@ KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
         lambda value: isinstance(value, ListConfig) and all(_is_int(v) and v > 0 for v in value),
         "a list of positive integers (hidden layer widths; [] for none)",
     ),
+    "entropy": (lambda value: value == "auto" or _is_number(value), "auto or a finite number (nats)"),
 }
 
 COMMON_KINDS = {
@@ -241,6 +242,10 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
             except RuntimeError:
                 raise ConfigError(f"{name}={value!r} is not a torch device.") from None
     need(c.non_finite in ("raise", "skip"), f"collector.non_finite={c.non_finite!r} must be raise or skip.")
+    need(
+        cfg.network.activation in ACTIVATIONS,
+        f"network.activation={cfg.network.activation!r} must be one of {sorted(ACTIVATIONS)}.",
+    )
     if compile_settings(cfg).cudagraphs:
         need(
             network_device(cfg).type == "cuda",
@@ -1166,6 +1171,5 @@ ACTIVATIONS = {"elu": torch.nn.ELU, "relu": torch.nn.ReLU, "tanh": torch.nn.Tanh
 
 
 def activation(cfg: DictConfig) -> type[torch.nn.Module]:
-    if cfg.network.activation not in ACTIVATIONS:
-        raise ConfigError(f"network.activation={cfg.network.activation!r} must be one of {sorted(ACTIVATIONS)}.")
+    """The hidden activation ``network.activation`` names (checked by :func:`validate_common`)."""
     return ACTIVATIONS[cfg.network.activation]

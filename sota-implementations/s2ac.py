@@ -30,6 +30,7 @@ KINDS = {
     "s2ac.init_std_min": "number",
     "s2ac.alpha": "number",
     "s2ac.fixed_alpha": "bool",
+    "s2ac.target_entropy": "entropy",
     "s2ac.amortized": "bool",
     "s2ac.compile": "bool",
 }

@@ -15,7 +15,12 @@ from torchrl.objectives import SACLoss
 import harness
 
 
-KINDS = {"network.actor_cells": "cells", "sac.alpha": "number", "sac.fixed_alpha": "bool"}
+KINDS = {
+    "network.actor_cells": "cells",
+    "sac.alpha": "number",
+    "sac.fixed_alpha": "bool",
+    "sac.target_entropy": "entropy",
+}
 
 
 def validate(cfg: DictConfig) -> None:

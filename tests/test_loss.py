@@ -286,6 +286,13 @@ def test_errors():
         S2ACLoss(actor, loss_function="huber")
     with pytest.raises(ValueError, match="alpha_init"):
         S2ACLoss(actor, alpha_init=0.0)
+    with pytest.raises(ValueError, match="target_entropy must be 'auto' or a number, got 'high'"):
+        S2ACLoss(actor, target_entropy="high")
+    shallow = SVGDActor(Bounded(-1.0, 1.0, (ACT,)), critic, num_steps=0)
+    temperature = shallow.temperature
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        S2ACLoss(shallow)
+    assert shallow.temperature is temperature  # a refused loss leaves the actor as it was
     td = batch()
     td["next", "reward"] = torch.randn(5, 3, dtype=DT)
     with pytest.raises(ValueError, match=r"\(.next., .reward.\) has shape \(5, 3\)"):

@@ -125,6 +125,15 @@ class S2ACLoss(SoftQCriticLoss):
         alpha_init = float(actor_network.alpha) if alpha_init is None else float(alpha_init)
         if not alpha_init > 0:
             raise ValueError(f"S2ACLoss: alpha_init must be > 0, got {alpha_init!r}.")
+        if target_entropy == "auto":
+            target_entropy = -float(actor_network.action_dim)
+        elif isinstance(target_entropy, bool) or not isinstance(target_entropy, (int, float)):
+            raise ValueError(f"S2ACLoss: target_entropy must be 'auto' or a number, got {target_entropy!r}.")
+        if actor_network.stein.num_steps < 1:
+            raise ValueError(
+                f"S2ACLoss: the actor's num_steps must be >= 1, got {actor_network.stein.num_steps} "
+                "(with no SVGD step the policy is q0 alone)."
+            )
         own = actor_network.temperature.log_alpha
         temperature = Temperature(alpha_init, learnable=not fixed_alpha, min_alpha=min_alpha, max_alpha=max_alpha)
         actor_network.temperature = temperature.to(device=own.device, dtype=own.dtype)
@@ -138,8 +147,6 @@ class S2ACLoss(SoftQCriticLoss):
         )
         self.temperature = actor_network.temperature  # the same module: the actor acts with what is trained
         self.fixed_alpha = fixed_alpha
-        if target_entropy == "auto":
-            target_entropy = -float(actor_network.action_dim)
         self.register_buffer("target_entropy", torch.tensor(float(target_entropy), device=own.device))
 
     @property
