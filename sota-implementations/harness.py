@@ -866,6 +866,19 @@ def checkpoint_identity(cfg: DictConfig, algorithm: str, env: EnvBase) -> dict:
     return identity
 
 
+def make_target_updater(cfg: DictConfig, loss: LossModule, updates: int) -> SoftUpdate | HardUpdate:
+    """Polyak averaging (``optim.target_update_polyak``), or with ``optim.target_update_interval`` = N a hard copy
+    of the critic into its target after every N-th update (DQN, Haarnoja et al.'s SQL), in phase with the
+    ``updates`` already done when a run resumes. TorchRL's :class:`HardUpdate` copies when its counter, which
+    counts from 0, reaches ``value_network_update_interval``: every N-th update is an interval of N - 1."""
+    interval = cfg.optim.get("target_update_interval")
+    if not interval:
+        return SoftUpdate(loss, eps=cfg.optim.target_update_polyak)
+    updater = HardUpdate(loss, value_network_update_interval=interval - 1)
+    updater.counter = updates % interval
+    return updater
+
+
 # ---------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------
@@ -1002,11 +1015,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     Path("run.json").write_text(json.dumps({**identity, "hydra_files": hydra_files()}, indent=1) + "\n")
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
-    if cfg.optim.get("target_update_interval"):  # a hard copy every N updates (DQN, Haarnoja et al.'s SQL)
-        target_updater = HardUpdate(agent.loss, value_network_update_interval=cfg.optim.target_update_interval)
-        target_updater.counter = state["updates"] % (cfg.optim.target_update_interval + 1)  # its phase, on resume
-    else:
-        target_updater = SoftUpdate(agent.loss, eps=cfg.optim.target_update_polyak)
+    target_updater = make_target_updater(cfg, agent.loss, state["updates"])
     update = make_update(cfg, agent, optimizer, target_updater)
     compiled_update = compile_settings(cfg).compile or compile_settings(cfg).cudagraphs
 

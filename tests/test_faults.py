@@ -21,7 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.objectives import SoftUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "sota-implementations"
@@ -33,7 +34,7 @@ import test_loss  # noqa: E402
 import test_sql  # noqa: E402
 from checkpoint_helpers import CAPACITY, IDENTITY, WIDTH, fresh, load_and_verify, save, write_rows  # noqa: E402
 
-from torchrl_s2ac import NonFiniteError  # noqa: E402
+from torchrl_s2ac import AmortizedSampler, NonFiniteError, SoftQCritic, SQLLoss  # noqa: E402
 
 CHILD = textwrap.dedent(
     """
@@ -595,6 +596,27 @@ def config(script: str, overrides: list[str]):
     """The script's configuration with ``overrides``, composed as hydra would."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=script, overrides=overrides)
+
+
+def test_hard_target_copy_after_every_nth_update_in_phase_on_resume():
+    sampler = AmortizedSampler(Bounded(-1.0, 1.0, (2,)), 3)
+    loss = SQLLoss(sampler, SoftQCritic(3, 2, num_cells=(8,), num_qvalue_nets=1))
+
+    def copies(updater, updates: int) -> list[int]:
+        """The updates (1-based) after which the target equals the critic, the critic moved before each."""
+        copied = []
+        for update in range(1, updates + 1):
+            with torch.no_grad():
+                loss.qvalue_network_params.apply(lambda p: p.add_(1.0))
+            updater.step()
+            same = (loss.qvalue_network_params == loss.target_qvalue_network_params).all()
+            copied += [update] if same else []
+        return copied
+
+    cfg = config("sql", ["optim.target_update_interval=3"])
+    assert copies(harness.make_target_updater(cfg, loss, updates=0), 7) == [3, 6]
+    assert copies(harness.make_target_updater(cfg, loss, updates=4), 5) == [2, 5]  # updates 6 and 9 of the run
+    assert isinstance(harness.make_target_updater(config("sql", []), loss, updates=0), SoftUpdate)
 
 
 def test_resume_auto_compares_what_the_run_was_trained_with_not_options_it_predates(tmp_path, monkeypatch):
