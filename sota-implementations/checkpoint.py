@@ -198,6 +198,8 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
         "python": random.getstate(),
+        # Each visible GPU's generator (the SVGD draws of a run updating on a GPU); none on a CPU-only machine.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -207,6 +209,9 @@ def _set_rng_state(rng: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
+    cuda = rng.get("cuda", [])  # absent from checkpoints written before it was saved
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def validate_common(cfg: DictConfig, kinds: dict[str, str] | None = None) -> Non
         need(env.get("layout") in LAYOUTS, f"env.layout={env.get('layout')!r} must be one of {sorted(LAYOUTS)}.")
     else:
         raise ConfigError(f"env.library={env.library!r} must be 'gymnasium' or 'multigoal'.")
+    need(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32) (numpy's seeds).")
     need(env.num_envs >= 1, f"env.num_envs={env.num_envs} must be >= 1.")
     need(env.max_episode_steps >= 1, f"env.max_episode_steps={env.max_episode_steps} must be >= 1.")
     need(c.frames_per_batch > 0, f"collector.frames_per_batch={c.frames_per_batch} must be > 0.")
@@ -587,9 +588,21 @@ def ray_init_config(cfg: DictConfig) -> dict:
     return {**DEFAULT_RAY_INIT_CONFIG, "address": cfg.collector.ray_address, "runtime_env": runtime_env}
 
 
-def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frames: int, compile_policy: bool = False):
+def collector_seed(seed: int, frames_done: int) -> int:
+    """The environments' seed: ``seed`` from the start, and after ``frames_done`` frames of a resumed run one
+    that ``numpy.random.SeedSequence`` derives from both (distinct for every seed and resume point)."""
+    if frames_done == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, frames_done]).generate_state(1, dtype=np.uint32)[0])
+
+
+def make_collector(
+    cfg: DictConfig, policy, total_frames: int, init_random_frames: int, frames_done: int, compile_policy: bool = False
+):
     """The collector of ``collector.backend``; the loop calls its ``update_policy_weights_()`` after each
     round of updates, so that workers holding a copy of the policy act with the trained weights.
+    Its environments are seeded with ``seed`` in a fresh run, and in a run resumed after ``frames_done`` frames
+    with a seed drawn from both (:func:`collector_seed`), so that a resumed run does not replay its first episodes.
     ``compile_policy``: the collector runs the policy through :func:`torch.compile` (direct and process backends;
     TorchRL's Ray collector takes no such argument), from its first call (TorchRL's default first call runs the
     policy uncompiled, which would make an ``SVGDActor(compile_acting=True)`` compile its own sampler for it), and
@@ -618,7 +631,7 @@ def make_collector(cfg: DictConfig, policy, total_frames: int, init_random_frame
         collector = Collector(
             [env_fn] * c.num_workers, policy, backend=c.backend, num_collectors=c.num_workers, sync=True, **kwargs
         )
-    collector.set_seed(cfg.seed)
+    collector.set_seed(collector_seed(cfg.seed, frames_done))
     collector.update_policy_weights_()  # workers start from the policy's current (e.g. resumed) weights
     return collector
 
@@ -1026,6 +1039,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
             agent.policy,
             remaining,
             max(0, cfg.collector.init_random_frames - state["frames"]),
+            state["frames"],
             compile_policy=agent.compile_policy,
         )
         if remaining > 0

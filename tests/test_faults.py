@@ -598,6 +598,13 @@ def config(script: str, overrides: list[str]):
         return compose(config_name=script, overrides=overrides)
 
 
+def test_a_resumed_run_seeds_its_environments_anew():
+    assert harness.collector_seed(3, 0) == 3  # a fresh run: the configured seed
+    resumed = {harness.collector_seed(seed, frames) for seed in (0, 1, 2) for frames in (2500, 5000)}
+    assert len(resumed) == 6 and resumed.isdisjoint({0, 1, 2})
+    assert harness.collector_seed(1, 2500) == harness.collector_seed(1, 2500)  # reproducible
+
+
 def test_hard_target_copy_after_every_nth_update_in_phase_on_resume():
     sampler = AmortizedSampler(Bounded(-1.0, 1.0, (2,)), 3)
     loss = SQLLoss(sampler, SoftQCritic(3, 2, num_cells=(8,), num_qvalue_nets=1))
@@ -652,6 +659,7 @@ def test_resume_auto_compares_what_the_run_was_trained_with_not_options_it_preda
         ("s2ac", ["s2ac.score_dtype=int8"], "s2ac.score_dtype='int8' must be null, bfloat16 or float16"),
         ("s2ac", ["s2ac.init_std_min=1.5"], "s2ac.init_std_min=1.5 must be in (0, 1)"),
         ("sql", ["sql.kernel_rule=max"], "sql.kernel_rule='max' must be median or mean"),
+        ("sac", ["seed=-1"], "seed=-1 must be in [0, 2**32)"),
         ("sql", ["network.activation=gelu"], "network.activation='gelu' must be one of ['elu', 'relu', 'tanh']"),
         ("s2ac", ["s2ac.target_entropy=high"], "s2ac.target_entropy='high' must be auto or a finite number"),
         ("sac", ["sac.target_entropy=null"], "sac.target_entropy=None must be auto or a finite number"),
