@@ -8,10 +8,13 @@ Layout of ``checkpoint.dir`` (``<run dir>/checkpoints`` by default)::
             manifest.json   counters, run identity (algorithm, env, networks, shapes), buffer length and
                             write cursor, and the size and sha256 of every file below
             state.pt        the loss (modules and targets), the optimisers and the RNG states
-            buffer.pt       the replay buffer's filled rows in storage order (not its capacity)
+            buffer-000000.pt, buffer-000001.pt, ...
+                            the replay buffer's filled rows in storage order (not its capacity), in chunks
+                            of at most ``BUFFER_CHUNK_BYTES``: a save or a load holds one chunk's copy in
+                            memory beside the buffer, not a copy of the whole buffer (GBs at 1M frames)
 
-A checkpoint is serialised in memory, checked against the free space, written into
-``.tmp-ckpt-000008/`` (every file fsync'd), renamed to ``ckpt-000008`` and only then does
+A checkpoint is checked against the free space, written into ``.tmp-ckpt-000008/`` one file at a
+time (every file fsync'd), renamed to ``ckpt-000008`` and only then does
 ``latest`` switch to it (temporary file, fsync, rename, fsync of the directory). The previous
 checkpoint is removed after the switch, so a kill or a failed write at any moment leaves
 ``latest`` naming a complete checkpoint. Every path is relative to the checkpoint: a copied
@@ -38,7 +41,8 @@ from tensordict import TensorDict
 
 POINTER = "latest"
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 1: the whole buffer in one buffer.pt (still read)
+BUFFER_CHUNK_BYTES = 64 << 20
 _HEADROOM = 1 << 20  # bytes kept free beyond the checkpoint itself
 
 
@@ -118,11 +122,14 @@ def _serialise(obj) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def _buffer_rows(replay_buffer) -> tuple[TensorDict | None, int]:
-    """The filled rows of ``replay_buffer`` in storage order (``None`` when empty) and its write cursor."""
+def _buffer_chunks(replay_buffer) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges covering the buffer's filled rows, each of at most ``BUFFER_CHUNK_BYTES``."""
     length = len(replay_buffer)
-    rows = replay_buffer.storage[:length].exclude("index").clone() if length else None
-    return rows, int(replay_buffer.writer._cursor)
+    if not length:
+        return []
+    row_bytes = max(1, replay_buffer.storage[:1].exclude("index").bytes())
+    rows_per_chunk = max(1, BUFFER_CHUNK_BYTES // row_bytes)
+    return [(start, min(start + rows_per_chunk, length)) for start in range(0, length, rows_per_chunk)]
 
 
 def save(root: Path, *, loss, optimizers, replay_buffer, state: dict, identity: dict) -> Path:
@@ -132,28 +139,13 @@ def save(root: Path, *, loss, optimizers, replay_buffer, state: dict, identity: 
     run must match (see :func:`load`). A failed write (full disk, read-only directory) removes the
     partial checkpoint and raises :class:`CheckpointError`; the previous checkpoint stays current.
     """
-    rows, cursor = _buffer_rows(replay_buffer)
-    payloads = {
-        "state.pt": _serialise(
-            {
-                "loss": loss.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "rng": _rng_state(),
-            }
-        ),
-        "buffer.pt": _serialise(rows.to_dict() if rows is not None else {}),
-    }
-    manifest = {
-        "format": FORMAT,
-        "state": state,
-        "identity": identity,
-        "buffer": {"length": len(replay_buffer), "cursor": cursor},
-        "files": {
-            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in payloads.items()
-        },
-    }
-    payloads[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    needed = sum(map(len, payloads.values())) + _HEADROOM
+    length = len(replay_buffer)
+    chunks = _buffer_chunks(replay_buffer)
+    state_payload = _serialise(
+        {"loss": loss.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers], "rng": _rng_state()}
+    )
+    buffer_bytes = replay_buffer.storage[:length].exclude("index").bytes() if length else 0
+    needed = len(state_payload) + buffer_bytes + len(chunks) * (64 << 10) + _HEADROOM  # 64 KiB: torch.save's own
     free = shutil.disk_usage(root).free
     previous = _current(root)
     keeps = f"; the previous checkpoint ({previous}) is kept" if previous else ""
@@ -165,15 +157,35 @@ def save(root: Path, *, loss, optimizers, replay_buffer, state: dict, identity: 
     existing = [int(p.name.split("-")[1]) for p in root.glob("ckpt-*") if p.name.split("-")[1].isdigit()]
     name = f"ckpt-{max(existing, default=0) + 1:06d}"
     tmp, final = root / f".tmp-{name}", root / name
+    files = {}
+
+    def write(filename: str, data: bytes) -> None:
+        _write(tmp / filename, data)
+        files[filename] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     try:
         _remove_stale(root, keep=previous)
         tmp.mkdir()
-        for filename, data in payloads.items():
-            _write(tmp / filename, data)
+        write("state.pt", state_payload)
+        buffer_files = []  # [file, rows]
+        for index, (start, stop) in enumerate(chunks):
+            buffer_files.append([f"buffer-{index:06d}.pt", stop - start])
+            write(buffer_files[-1][0], _serialise(replay_buffer.storage[start:stop].exclude("index").clone().to_dict()))
+        cursor = int(replay_buffer.writer._cursor)
+        manifest = {
+            "format": FORMAT,
+            "state": state,
+            "identity": identity,
+            "buffer": {"length": length, "cursor": cursor},
+            "buffer_files": buffer_files,
+            "files": files,
+        }
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        _write(tmp / MANIFEST, manifest_bytes)
         _fsync_dir(tmp)
         tmp.rename(final)
         pointer_tmp = root / f".{POINTER}.tmp"
-        _write(pointer_tmp, f"{name} {hashlib.sha256(payloads[MANIFEST]).hexdigest()}\n".encode())
+        _write(pointer_tmp, f"{name} {hashlib.sha256(manifest_bytes).hexdigest()}\n".encode())
         pointer_tmp.replace(root / POINTER)
         _fsync_dir(root)
     except OSError as error:
@@ -234,8 +246,8 @@ def read_manifest(root: Path) -> tuple[Path, dict]:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{directory / MANIFEST} is not a checkpoint manifest ({error}).") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{directory} has format {manifest.get('format')!r}; this version reads {FORMAT}.")
+    if manifest.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"{directory} has format {manifest.get('format')!r}; this version reads 1 to {FORMAT}.")
     for filename, expected in files.items():
         path = directory / filename
         if not path.is_file():
@@ -283,9 +295,15 @@ def load(root: Path, *, loss, optimizers, replay_buffer, identity: dict) -> dict
             f"does not match its {stored} stored transitions (length {expected['length']}, "
             f"cursor {expected['cursor']})."
         )
+    # Format 1 kept the whole buffer in buffer.pt; format 2 one file per chunk, with its row count.
+    buffer_files = manifest.get("buffer_files", [["buffer.pt", buffer["length"]]] if buffer["length"] else [])
+    if sum(rows for _, rows in buffer_files) != buffer["length"]:
+        raise CheckpointError(
+            f"cannot resume from {directory}: its buffer files hold {sum(rows for _, rows in buffer_files)} rows, "
+            f"its buffer {buffer['length']}."
+        )
     try:
         saved = torch.load(directory / "state.pt", weights_only=True, map_location="cpu")
-        rows = torch.load(directory / "buffer.pt", weights_only=True, map_location="cpu")
         loss.load_state_dict(saved["loss"])
         if len(saved["optimizers"]) != len(optimizers):
             raise ValueError(f"{len(saved['optimizers'])} optimisers saved, {len(optimizers)} in this run")
@@ -294,9 +312,9 @@ def load(root: Path, *, loss, optimizers, replay_buffer, identity: dict) -> dict
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         detail = " ".join(str(error).split())[:300] or type(error).__name__  # one line, e.g. the first mismatch
         raise CheckpointError(f"cannot resume from {directory}: its weights do not fit this run ({detail}).") from None
-    if buffer["length"]:
-        rows = TensorDict(rows, batch_size=[buffer["length"]])
-        replay_buffer.extend(rows)
+    for filename, rows in buffer_files:  # in storage order: extending an empty buffer refills rows 0, 1, ...
+        chunk = torch.load(directory / filename, weights_only=True, map_location="cpu")
+        replay_buffer.extend(TensorDict(chunk, batch_size=[rows]))
     replay_buffer.writer._cursor = buffer["cursor"]
     _set_rng_state(saved["rng"])
     return state

@@ -3,6 +3,7 @@ environments, stop requests mid-batch and bad options. Each fault must end in on
 traceback, and never cost more than the transitions since the last checkpoint."""
 
 import errno
+import hashlib
 import importlib
 import json
 import os
@@ -109,8 +110,46 @@ def test_checkpoint_size_follows_the_data_not_the_capacity(tmp_path):
     sizes = []
     for buffer in (small, big):
         directory = save(root, net, optimizer, buffer, {"frames": 5, "stored": 5})
-        sizes.append((directory / "buffer.pt").stat().st_size)
+        sizes.append((directory / "buffer-000000.pt").stat().st_size)
     assert sizes[0] == sizes[1] < 5 * WIDTH * 4 + 10_000  # 5 rows, whatever the capacity
+
+
+def test_buffer_is_saved_and_loaded_a_chunk_at_a_time(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    net, optimizer, buffer = fresh()
+    write_rows(buffer, net, 0, CAPACITY - 4)
+    state = write_rows(buffer, net, CAPACITY - 4, 13)  # wrapped: the cursor at 9
+    monkeypatch.setattr(checkpoint, "BUFFER_CHUNK_BYTES", 10 * WIDTH * 4)  # 10 rows per chunk
+    serialised = []
+    serialise = checkpoint._serialise
+    monkeypatch.setattr(checkpoint, "_serialise", lambda obj: serialised.append(serialise(obj)) or serialised[-1])
+    directory = save(root, net, optimizer, buffer, state)
+    chunks = sorted(path.name for path in directory.glob("buffer-*.pt"))
+    assert len(chunks) == 7  # 64 rows, 10 per file
+    assert max(map(len, serialised)) < 10 * WIDTH * 4 + 10_000  # never the whole buffer at once
+    assert load_and_verify(root) == CAPACITY + 9
+
+
+def test_a_checkpoint_with_the_whole_buffer_in_one_file_still_loads(tmp_path):
+    """Format 1 (before the buffer was chunked): one buffer.pt, no buffer_files in the manifest."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    net, optimizer, buffer = fresh()
+    directory = save(root, net, optimizer, buffer, write_rows(buffer, net, 0, 30))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    rows = buffer.storage[:30].exclude("index").clone().to_dict()
+    for name, _ in manifest.pop("buffer_files"):
+        manifest["files"].pop(name)
+        (directory / name).unlink()
+    torch.save(rows, directory / "buffer.pt")
+    data = (directory / "buffer.pt").read_bytes()
+    manifest["files"]["buffer.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["format"] = 1
+    manifest_bytes = json.dumps(manifest).encode()
+    (directory / "manifest.json").write_bytes(manifest_bytes)
+    (root / "latest").write_text(f"{directory.name} {hashlib.sha256(manifest_bytes).hexdigest()}\n")
+    assert load_and_verify(root) == 30
 
 
 @pytest.fixture
@@ -141,17 +180,17 @@ def test_read_only_directory_is_refused(tmpfs):
 
 
 def corrupt_flip(directory):
-    data = bytearray((directory / "buffer.pt").read_bytes())
+    data = bytearray((directory / "buffer-000000.pt").read_bytes())
     data[len(data) // 2] ^= 0x01
-    (directory / "buffer.pt").write_bytes(bytes(data))
+    (directory / "buffer-000000.pt").write_bytes(bytes(data))
 
 
 CORRUPTIONS = {
     "truncated": (lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]), "has 100 bytes"),
     "empty": (lambda d: (d / "state.pt").write_bytes(b""), "has 0 bytes"),
     "random": (lambda d: (d / "state.pt").write_bytes(os.urandom((d / "state.pt").stat().st_size)), "corrupted"),
-    "bit-flip": (corrupt_flip, "buffer.pt is corrupted"),
-    "missing": (lambda d: (d / "buffer.pt").unlink(), "buffer.pt is missing"),
+    "bit-flip": (corrupt_flip, "buffer-000000.pt is corrupted"),
+    "missing": (lambda d: (d / "buffer-000000.pt").unlink(), "buffer-000000.pt is missing"),
     "manifest": (lambda d: (d / "manifest.json").write_text("{}"), "does not match the checksum"),
     "pointer": (lambda d: (d.parent / "latest").write_bytes(b"\xff\x00"), "does not name a readable checkpoint"),
 }
