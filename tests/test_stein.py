@@ -294,6 +294,9 @@ def test_knn_entropy_matches_closed_forms():
     assert knn_entropy(box) == pytest.approx(math.log(2.0 * 0.5 * 1.0), abs=0.1)
     with pytest.raises(ValueError, match="k must be in"):
         knn_entropy(torch.randn(5, 2), k=5)
+    # A narrow sample far from the origin (a collapsed policy near a bound): the estimate does not move with it.
+    narrow = 0.01 * torch.randn(200, 2)
+    assert knn_entropy(narrow + 10.0).item() == pytest.approx(knn_entropy(narrow).item(), abs=2e-3)
 
 
 def test_truncated_normal_sampler_compiles_without_graph_breaks():

@@ -126,7 +126,9 @@ def knn_entropy(samples: torch.Tensor, k: int = 3) -> torch.Tensor:
     n, d = samples.shape[-2:]
     if not 1 <= k < n:
         raise ValueError(f"knn_entropy: k must be in [1, n) with n={n} samples, got k={k}.")
-    distances = torch.cdist(samples, samples)
+    # Differences, not ||x||^2 + ||y||^2 - 2 x.y (cdist's default for n > 25), which cancels to noise or 0 for
+    # a narrow policy away from the origin: 0.01-wide samples at 100 lose every digit in float32.
+    distances = torch.cdist(samples, samples, compute_mode="donot_use_mm_for_euclid_dist")
     distances = distances + torch.diag(torch.full((n,), math.inf, dtype=samples.dtype, device=samples.device))
     radius = distances.kthvalue(k, dim=-1).values.clamp_min(torch.finfo(samples.dtype).tiny)
     log_unit_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
