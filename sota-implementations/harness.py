@@ -1011,6 +1011,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         "run_id": None,
         "next_eval": 0,
         "next_checkpoint": cfg.checkpoint.every_frames,
+        "update_credit": 0.0,  # updates owed by optim.utd_ratio but not yet run (a fraction below 1)
     }
     source = resume_source(cfg)
     if source:
@@ -1090,7 +1091,11 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
                     stored.get(("next", "episode_reward"))[done].tolist()
                 )
             if state["frames"] >= cfg.collector.learning_starts and len(replay_buffer) >= cfg.optim.batch_size:
-                num_updates = max(1, round(data.numel() * cfg.optim.utd_ratio))
+                # optim.utd_ratio updates per collected frame, exactly over the run: the fraction a batch does
+                # not run is carried to the next (0.01 with 50-frame batches is one update every other batch).
+                credit = state.get("update_credit", 0.0) + data.numel() * cfg.optim.utd_ratio
+                num_updates = math.floor(credit + 1e-9)
+                state["update_credit"] = max(0.0, credit - num_updates)
                 # The collector closes its env before yielding the last batch, and TorchRL's batched env then
                 # raises torch's thread count: back to this run's (also what a compiled update was built for).
                 torch.set_num_threads(threads)
@@ -1104,6 +1109,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
                         except NonFiniteError as error:
                             raise NonFiniteError(f"{error} (replay sample for update {state['updates'] + 1})") from None
                         state["updates"] += 1
+                state["update_credit"] += num_updates - len(outputs)  # stopped between updates: owed on resume
                 if outputs:
                     collector.update_policy_weights_()  # workers with a copy of the policy act on the new weights
                     batch_metrics = torch.stack(outputs)

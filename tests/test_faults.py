@@ -557,6 +557,7 @@ def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tm
     assert time.time() - sent < 10
     state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
     assert state["frames"] == 40 and 0 < state["updates"] < 2000 and load_script_checkpoint(out)
+    assert state["updates"] + state["update_credit"] == 2000  # the updates it did not run are owed on resume
 
 
 def sweep_command(out, seeds, *overrides) -> list[str]:

@@ -139,6 +139,15 @@ def test_compiled_update(tmp_path):
     assert len(losses) == 2 and all(math.isfinite(value) for value in losses)
 
 
+def test_a_fractional_update_to_data_ratio_is_kept_exactly(tmp_path):
+    """utd 0.025 with 20-frame batches owes half an update per batch: one update every other batch."""
+    out = tmp_path / "utd"
+    run("sac", out, *TINY, *SAC_TINY, "collector.total_frames=120", "optim.utd_ratio=0.025")
+    state = checkpoint_state(out)["state"]
+    # updates from 40 frames on (learning_starts): batches at 40, 60, 80, 100, 120 frames owe 2.5 updates
+    assert (state["updates"], state["update_credit"]) == (2, pytest.approx(0.5))
+
+
 def test_cudagraphs_refused_without_cuda(tmp_path):
     result = run("s2ac", tmp_path / "bad", "network.device=cpu", "compile.cudagraphs=true", check=False, timeout=120)
     assert result.returncode != 0
