@@ -727,7 +727,7 @@ def make_update(
     (``compile.compile``: :func:`torch.compile` after one eager warm-up call, ``compile_with_warmup``) and/or
     captured in a CUDA graph (``compile.cudagraphs``: ``CudaGraphModule``, CUDA only). ``optimizer`` groups
     ``agent.optimizers`` (the one that steps, and is checkpointed)."""
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    trained = [[p for group in opt.param_groups for p in group["params"]] for opt in agent.optimizers.values()]
 
     def update(batch: TensorDict) -> TensorDict:
         """The sum of every ``loss_*`` minimised once; returns the loss's scalars and the gradient norms."""
@@ -735,8 +735,9 @@ def make_update(
         sum(value for key, value in loss_td.items() if key.startswith("loss_")).backward()
         for name, opt in agent.optimizers.items():  # before clipping: what the loss asked for
             loss_td[f"grad_norm_{name}"] = grad_norm(opt)
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
+        if cfg.optim.max_grad_norm:  # per network: a large critic gradient does not shrink the actor's step
+            for parameters in trained:
+                torch.nn.utils.clip_grad_norm_(parameters, cfg.optim.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         target_updater.step()

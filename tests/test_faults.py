@@ -16,6 +16,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer
-from torchrl.objectives import SoftUpdate
+from torchrl.objectives import SoftUpdate, group_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "sota-implementations"
@@ -636,6 +637,32 @@ def config(script: str, overrides: list[str]):
     """The script's configuration with ``overrides``, composed as hydra would."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=script, overrides=overrides)
+
+
+def test_max_grad_norm_clips_each_network_on_its_own():
+    critic, actor = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+
+    class Loss(torch.nn.Module):
+        def forward(self, batch):  # the critic's gradient 1000x the actor's
+            x = batch["x"]
+            return TensorDict({"loss_qvalue": 1000 * critic(x).sum(), "loss_actor": actor(x).sum()}, [])
+
+    optimizers = {"critic": torch.optim.SGD(critic.parameters()), "actor": torch.optim.SGD(actor.parameters())}
+    optimizer = group_optimizers(*optimizers.values())
+    clipped = {}
+
+    def step():  # what the optimiser would apply
+        for name, net in (("critic", critic), ("actor", actor)):
+            clipped[name] = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in net.parameters()]))
+
+    optimizer.step = step
+    agent = harness.Agent(loss=Loss(), policy=actor, optimizers=optimizers)
+    update = harness.make_update(
+        config("sac", ["optim.max_grad_norm=0.5"]), agent, optimizer, SimpleNamespace(step=lambda: None)
+    )
+    out = update(TensorDict({"x": torch.ones(4, 3)}, [4]))
+    assert out["grad_norm_critic"] > 1000 and out["grad_norm_actor"] > 0.5  # both above the bound before
+    assert clipped["critic"].item() == pytest.approx(0.5) and clipped["actor"].item() == pytest.approx(0.5)
 
 
 def test_a_resumed_run_seeds_its_environments_anew():
