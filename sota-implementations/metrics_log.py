@@ -24,10 +24,15 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def finals(records: list[dict], budget: int = 0) -> list[dict]:
+    """The end-of-training evaluations among ``records`` written at ``budget`` frames or more. A run continued
+    with a larger budget keeps its earlier end-of-training record; until it reaches the new budget it has none."""
+    return [record for record in records if record.get("final") and record["frames"] >= budget]
+
+
 def final_records(path: Path, budget: int = 0) -> list[dict]:
-    """The end-of-training evaluations of ``path`` written at ``budget`` frames or more. A run continued with a
-    larger budget keeps its earlier end-of-training record; until it reaches the new budget it has none here."""
-    return [record for record in read_records(path) if record.get("final") and record["frames"] >= budget]
+    """:func:`finals` of the records of ``path``."""
+    return finals(read_records(path), budget)
 
 
 def truncate(path: Path, frames: int) -> None:

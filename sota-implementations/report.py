@@ -115,8 +115,7 @@ def load_run(
     records = metrics_log.read_records(directory / "metrics.jsonl")
     budget = int(cfg.collector.total_frames)
     evals = {r["frames"]: r[metric] for r in records if metric in r and not r.get("final")}
-    # A run continued with a larger budget keeps its earlier end-of-training record: not final at this budget.
-    finals = [r[metric] for r in records if r.get("final") and r["frames"] >= budget and metric in r]
+    finals = [r[metric] for r in metrics_log.finals(records, budget) if metric in r]
     if final_window is not None:
         reached = max((r["frames"] for r in records), default=0) >= budget
         window = [value for frames, value in evals.items() if frames > budget - final_window]
