@@ -1,5 +1,6 @@
 """S2ACLoss against a hand-written reference, gradient isolation, keys, reductions."""
 
+import gc
 import math
 
 import pytest
@@ -293,10 +294,21 @@ def test_errors():
     with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
         S2ACLoss(shallow)
     assert shallow.temperature is temperature  # a refused loss leaves the actor as it was
+    with pytest.raises(ValueError, match="already trained by another S2ACLoss"):
+        S2ACLoss(actor)
+    assert actor.temperature is loss.temperature
     td = batch()
     td["next", "reward"] = torch.randn(5, 3, dtype=DT)
     with pytest.raises(ValueError, match=r"\(.next., .reward.\) has shape \(5, 3\)"):
         loss(td)
+
+
+def test_a_deleted_loss_frees_its_actor():
+    loss, actor, _ = build()
+    del loss
+    gc.collect()
+    other = S2ACLoss(actor, alpha_init=0.5)
+    assert actor.temperature is other.temperature and float(actor.alpha) == pytest.approx(0.5)
 
 
 def test_state_dict_round_trip():

@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributions.transforms import TanhTransform
 from torchrl.data import Bounded
 
 __all__ = ["sample_truncated_normal", "TanhSquash", "knn_entropy"]
@@ -69,9 +70,11 @@ class TanhSquash(nn.Module):
     r"""Maps unsquashed particles onto the action box: :math:`a = c + r\tanh(u)`.
 
     ``c = (high + low) / 2`` and ``r = (high - low) / 2``. The log-Jacobian is
-    computed in the stable form
-    :math:`\log(1 - \tanh^2 u) = 2(\log 2 - u - \mathrm{softplus}(-2u))`.
+    :math:`\sum_d \log r_d + \log(1 - \tanh^2 u_d)`, the second term in the stable form of
+    :class:`torch.distributions.transforms.TanhTransform`.
     """
+
+    _tanh = TanhTransform()
 
     def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
         low, high = torch.as_tensor(low), torch.as_tensor(high)
@@ -100,8 +103,7 @@ class TanhSquash(nn.Module):
 
     def log_abs_det_jacobian(self, u: torch.Tensor) -> torch.Tensor:
         r""":math:`\sum_d \log|\partial a_d / \partial u_d|`, reduced over the last dim."""
-        log_dtanh = 2 * (math.log(2) - u - torch.nn.functional.softplus(-2 * u))
-        return (self.scale.log() + log_dtanh).sum(-1)
+        return (self.scale.log() + self._tanh.log_abs_det_jacobian(u, None)).sum(-1)
 
     def pullback(self, u: torch.Tensor, action_grad: torch.Tensor) -> torch.Tensor:
         r""":math:`\nabla_u f(a(u))` from :math:`\nabla_a f`: :math:`\nabla_a f \odot r\,(1 - \tanh^2 u)` (the squash

@@ -89,6 +89,17 @@ class SoftQCriticLoss(LossModule):
     target_actor_network_params: TensorDictParams
     target_qvalue_network_params: TensorDictParams
 
+    @classmethod
+    def _check_settings(cls, loss_function: str, reduction: str | None) -> str:
+        """Validates ``loss_function`` and ``reduction`` (one error naming the bad value); returns the reduction."""
+        if loss_function not in ("l2", "l1", "smooth_l1"):
+            raise ValueError(f"{cls.__name__}: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
+        if reduction is None:
+            reduction = "mean"
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"{cls.__name__}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}.")
+        return reduction
+
     def __init__(
         self,
         actor_network: nn.Module,
@@ -104,12 +115,7 @@ class SoftQCriticLoss(LossModule):
             raise TypeError(
                 f"{name}: qvalue_network must be a SoftQCritic or CriticEnsemble, got {type(qvalue_network).__name__}."
             )
-        if loss_function not in ("l2", "l1", "smooth_l1"):
-            raise ValueError(f"{name}: loss_function must be 'l2', 'l1' or 'smooth_l1', got {loss_function!r}.")
-        if reduction is None:
-            reduction = "mean"
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"{name}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}.")
+        reduction = self._check_settings(loss_function, reduction)
         super().__init__()
         self._in_keys = None
         self.reduction = reduction

@@ -2,6 +2,8 @@ r"""The S2AC objective (Messaoud et al., ICLR 2024) as a TorchRL :class:`~torchr
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase, dispatch
@@ -12,6 +14,10 @@ from torchrl_s2ac.modules.temperature import Temperature
 from torchrl_s2ac.objectives.critic_loss import SoftQCriticLoss
 
 __all__ = ["S2ACLoss"]
+
+# The loss that trains each installed Temperature, held weakly: a second S2ACLoss on the same actor would
+# install its own temperature and leave the first loss training one the actor no longer acts with.
+_TRAINING_LOSS: weakref.WeakKeyDictionary[Temperature, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 class S2ACLoss(SoftQCriticLoss):
@@ -134,6 +140,13 @@ class S2ACLoss(SoftQCriticLoss):
                 f"S2ACLoss: the actor's num_steps must be >= 1, got {actor_network.stein.num_steps} "
                 "(with no SVGD step the policy is q0 alone)."
             )
+        self._check_settings(loss_function, reduction)
+        owner = _TRAINING_LOSS.get(actor_network.temperature)
+        if owner is not None and owner() is not None:
+            raise ValueError(
+                "S2ACLoss: this actor is already trained by another S2ACLoss (it acts with that loss's "
+                "temperature); build one loss per actor, or a new actor for a second loss."
+            )
         own = actor_network.temperature.log_alpha
         temperature = Temperature(alpha_init, learnable=not fixed_alpha, min_alpha=min_alpha, max_alpha=max_alpha)
         actor_network.temperature = temperature.to(device=own.device, dtype=own.dtype)
@@ -146,6 +159,7 @@ class S2ACLoss(SoftQCriticLoss):
             use_prioritized_weights=use_prioritized_weights,
         )
         self.temperature = actor_network.temperature  # the same module: the actor acts with what is trained
+        _TRAINING_LOSS[self.temperature] = weakref.ref(self)
         self.fixed_alpha = fixed_alpha
         self.register_buffer("target_entropy", torch.tensor(float(target_entropy), device=own.device))
 
