@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy hopper walker2d ablations multigoal multigoal_temperature campaign clean
+.PHONY: setup train test docs bench entropy hopper walker2d halfcheetah ablations multigoal multigoal_temperature campaign clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,12 @@ WALKER_SEEDS ?= 0,1,2
 WALKER_FRAMES ?= 30000
 walker2d: $(STAMP)
 	$(call compare,walker2d,$(WALKER_SEEDS),$(WALKER_FRAMES),results/walker2d,0.1,--metric eval/return_stochastic)
+
+# HalfCheetah-v5 (Haarnoja et al.'s reward scale 30: SQL alpha 0.0333), the same harness at 30k frames.
+CHEETAH_SEEDS ?= 0,1,2,3,4
+CHEETAH_FRAMES ?= 30000
+halfcheetah: $(STAMP)
+	$(call compare,halfcheetah,$(CHEETAH_SEEDS),$(CHEETAH_FRAMES),results/halfcheetah,0.0333,--metric eval/return_stochastic)
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting
 # changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun
