@@ -205,6 +205,29 @@ def test_learned_alpha_moves_toward_target_entropy():
         assert actor.alpha.item() == pytest.approx(math.exp(loss.log_alpha.item()))
 
 
+def test_learned_alpha_stays_at_its_clamp_instead_of_drifting_past_it():
+    # The entropy asks for more alpha: each step raises log(alpha) by about lr x 50 = 0.05.
+    loss, actor, _ = build(fixed_alpha=False, target_entropy=50.0, alpha_init=0.45, max_alpha=0.5)
+    optimizer = torch.optim.SGD([loss.log_alpha], lr=0.001)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss(batch())["loss_alpha"].backward()
+        optimizer.step()
+    # One step crosses the bound; after it the outward gradient is dropped (without that: about 1 past it).
+    assert math.log(0.5) <= loss.log_alpha.item() < math.log(0.5) + 0.1
+    assert loss.log_alpha.grad.item() == 0.0 and actor.alpha.item() == pytest.approx(0.5)
+    # An entropy above the target pulls it back inside at once.
+    loss.target_entropy.fill_(-50.0)
+    optimizer.zero_grad()
+    loss(batch())["loss_alpha"].backward()
+    assert loss.log_alpha.grad.item() > 0  # descent lowers log(alpha)
+    # Inside the clamp the gradient is the plain one, -(mean log pi + target).
+    inside, _, _ = build(fixed_alpha=False, target_entropy=1.0, min_alpha=0.01, max_alpha=10.0)
+    log_prob = torch.randn(5, M, dtype=DT)
+    inside.alpha_loss(log_prob).backward()
+    torch.testing.assert_close(inside.log_alpha.grad, -(log_prob.mean() + 1.0))
+
+
 def test_terminated_stops_bootstrapping_truncation_does_not():
     loss, _, _ = build()
     td = batch((4,))

@@ -255,8 +255,18 @@ class S2ACLoss(SoftQCriticLoss):
         return self._reduce_loss(error, tensordict=tensordict)
 
     def alpha_loss(self, log_prob: torch.Tensor, tensordict: TensorDictBase | None = None) -> torch.Tensor:
-        r""":math:`-\log\alpha\,(\log\pi + \bar{\mathcal H})` averaged over particles; zero when alpha is fixed."""
+        r""":math:`-\log\alpha\,(\log\pi + \bar{\mathcal H})` averaged over particles; zero when alpha is fixed.
+
+        At a bound of the temperature's clamp (``min_alpha``, ``max_alpha``) the gradient is dropped when
+        descent would push :math:`\log\alpha` further out: the parameter then stays at the bound instead of
+        drifting past it, where the clamp hides it and the way back takes as many steps as the drift took.
+        """
         if self.fixed_alpha:
             return torch.zeros((), device=log_prob.device)
-        loss = -self.log_alpha * (log_prob.mean(-1) + self.target_entropy)
+        excess = (log_prob.mean(-1) + self.target_entropy).detach()  # descent moves log(alpha) along its mean
+        temperature, push = self.temperature, excess.mean()
+        outward = ((temperature.log_alpha >= temperature.max_log_alpha) & (push > 0)) | (
+            (temperature.log_alpha <= temperature.min_log_alpha) & (push < 0)
+        )
+        loss = -self.log_alpha * torch.where(outward, torch.zeros_like(excess), excess)
         return self._reduce_loss(loss, tensordict=tensordict)
