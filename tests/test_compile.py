@@ -13,12 +13,12 @@ from helpers import transition_batch
 from torchrl_s2ac import AmortizedSampler, NonFiniteError, S2ACLoss, SoftQCritic, SQLLoss, SVGDActor
 
 
-def hopper_loss(score_dtype=None, **network) -> S2ACLoss:
+def hopper_loss(score_dtype=None, fixed_alpha=True, **network) -> S2ACLoss:
     """S2AC at Hopper-v5 shapes (11-d observations, 3-d actions), the MuJoCo defaults otherwise."""
     actor = SVGDActor(
         Bounded(-1.0, 1.0, (3,)), SoftQCritic(11, 3, **network), max_step_ratio=0.5, score_dtype=score_dtype
     )
-    return S2ACLoss(actor).make_value_estimator(gamma=0.99)
+    return S2ACLoss(actor, fixed_alpha=fixed_alpha, max_alpha=1.0).make_value_estimator(gamma=0.99)
 
 
 def objective(loss: S2ACLoss):
@@ -31,9 +31,10 @@ def objective(loss: S2ACLoss):
     return forward
 
 
-@pytest.mark.parametrize("score_dtype", [None, torch.bfloat16])
-def test_s2ac_update_has_no_graph_breaks(score_dtype):
-    explanation = torch._dynamo.explain(objective(hopper_loss(score_dtype)))(transition_batch(100, 11, 3))
+@pytest.mark.parametrize("score_dtype, fixed_alpha", [(None, True), (torch.bfloat16, True), (None, False)])
+def test_s2ac_update_has_no_graph_breaks(score_dtype, fixed_alpha):
+    loss = hopper_loss(score_dtype, fixed_alpha)  # a learned alpha under a clamp: its bound checks stay in the graph
+    explanation = torch._dynamo.explain(objective(loss))(transition_batch(100, 11, 3))
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
 
