@@ -880,17 +880,25 @@ def checkpoint_identity(cfg: DictConfig, algorithm: str, env: EnvBase) -> dict:
     return identity
 
 
-def make_target_updater(cfg: DictConfig, loss: LossModule, updates: int) -> SoftUpdate | HardUpdate:
+def make_target_updater(cfg: DictConfig, loss: LossModule) -> SoftUpdate | HardUpdate:
     """Polyak averaging (``optim.target_update_polyak``), or with ``optim.target_update_interval`` = N a hard copy
-    of the critic into its target after every N-th update (DQN, Haarnoja et al.'s SQL), in phase with the
-    ``updates`` already done when a run resumes. TorchRL's :class:`HardUpdate` copies when its counter, which
-    counts from 0, reaches ``value_network_update_interval``: every N-th update is an interval of N - 1."""
+    of the critic into its target after every N-th update (DQN, Haarnoja et al.'s SQL). TorchRL's
+    :class:`HardUpdate` copies when its counter, which counts from 0, reaches ``value_network_update_interval``:
+    every N-th update is an interval of N - 1.
+
+    TorchRL's updaters copy the critic into its target when built: build this before a checkpoint is loaded,
+    then :func:`phase_target_updater` with the updates the checkpoint had done."""
     interval = cfg.optim.get("target_update_interval")
     if not interval:
         return SoftUpdate(loss, eps=cfg.optim.target_update_polyak)
-    updater = HardUpdate(loss, value_network_update_interval=interval - 1)
-    updater.counter = updates % interval
-    return updater
+    return HardUpdate(loss, value_network_update_interval=interval - 1)
+
+
+def phase_target_updater(cfg: DictConfig, updater: SoftUpdate | HardUpdate, updates: int) -> None:
+    """Puts a hard-copy updater in phase with the ``updates`` a resumed run has done (its next copy after the
+    run's next multiple of ``optim.target_update_interval``); Polyak averaging has no phase."""
+    if isinstance(updater, HardUpdate):
+        updater.counter = updates % cfg.optim.target_update_interval
 
 
 # ---------------------------------------------------------------------------
@@ -1014,6 +1022,9 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         "next_checkpoint": cfg.checkpoint.every_frames,
         "update_credit": 0.0,  # updates owed by optim.utd_ratio but not yet run (a fraction below 1)
     }
+    # Built before a checkpoint is loaded: TorchRL's target updaters copy the critic into its target when built,
+    # which would replace the resumed target with the online critic.
+    target_updater = make_target_updater(cfg, agent.loss)
     source = resume_source(cfg)
     if source:
         checkpoint_root, run_dir = checkpoint.locate(source, cfg.checkpoint.dir)
@@ -1030,7 +1041,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     Path("run.json").write_text(json.dumps({**identity, "hydra_files": hydra_files()}, indent=1) + "\n")
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
-    target_updater = make_target_updater(cfg, agent.loss, state["updates"])
+    phase_target_updater(cfg, target_updater, state["updates"])
     update = make_update(cfg, agent, optimizer, target_updater)
     compiled_update = compile_settings(cfg).compile or compile_settings(cfg).cudagraphs
 

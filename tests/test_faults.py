@@ -688,9 +688,34 @@ def test_hard_target_copy_after_every_nth_update_in_phase_on_resume():
         return copied
 
     cfg = config("sql", ["optim.target_update_interval=3"])
-    assert copies(harness.make_target_updater(cfg, loss, updates=0), 7) == [3, 6]
-    assert copies(harness.make_target_updater(cfg, loss, updates=4), 5) == [2, 5]  # updates 6 and 9 of the run
-    assert isinstance(harness.make_target_updater(config("sql", []), loss, updates=0), SoftUpdate)
+    assert copies(harness.make_target_updater(cfg, loss), 7) == [3, 6]
+    resumed = harness.make_target_updater(cfg, loss)
+    harness.phase_target_updater(cfg, resumed, updates=4)
+    assert copies(resumed, 5) == [2, 5]  # updates 6 and 9 of the run
+    assert isinstance(harness.make_target_updater(config("sql", []), loss), SoftUpdate)
+
+
+@pytest.mark.parametrize("script", ["sac", "sql"])
+def test_a_resumed_run_keeps_its_target_critic(tmp_path, script):
+    """With a copy every 10^6 updates the target stays the initial critic for the whole run, resumed or not.
+    TorchRL's updaters copy the critic into its target when built: built after the load, one replaced it."""
+    out, hold = tmp_path / "run", ("optim.target_update_interval=1000000",)
+
+    def saved_loss() -> dict:
+        directory = checkpoint.read_manifest(out / "checkpoints")[0]
+        return torch.load(directory / "state.pt", weights_only=True)["loss"]
+
+    assert launch(script, out, "collector.total_frames=60", *hold).returncode == 0
+    before = saved_loss()
+    targets = [key for key in before if key.startswith("target_qvalue_network_params")]
+    online = [key.removeprefix("target_") for key in targets]
+    assert targets and any(not torch.equal(before[t], before[o]) for t, o in zip(targets, online))  # it trained
+    resumed = launch(script, out, "collector.total_frames=100", f"resume={out}", *hold)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = saved_loss()
+    assert any(not torch.equal(after[key], before[key]) for key in online)  # the resumed run trained too
+    for key in targets:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
 
 
 def test_resume_auto_compares_what_the_run_was_trained_with_not_options_it_predates(tmp_path, monkeypatch):
