@@ -16,6 +16,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import CudaGraphModule, TensorDictModuleBase
 from torchrl._utils import compile_with_warmup, timeit
 from torchrl.collectors import Collector
@@ -674,6 +675,34 @@ def run_identity(cfg: DictConfig, algorithm: str) -> dict:
     }
 
 
+def code_version() -> str | None:
+    """The commit of the checkout these scripts run from, ``+changes`` when its code (the package, the scripts,
+    ``pyproject.toml``) differs from it; ``None`` outside a git checkout."""
+    root = Path(__file__).parent.parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", "torchrl_s2ac", "sota-implementations", "pyproject.toml")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def sessions(resumed: bool, frames: int) -> list[dict]:
+    """``run.json``'s record of the sessions that trained this run: each one's start (frames done, time) and code
+    version (:func:`code_version`), the earlier ones kept when the run resumes."""
+    earlier = []
+    if resumed and Path("run.json").is_file():
+        earlier = json.loads(Path("run.json").read_text()).get("sessions", [])
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return [*earlier, {"frames": frames, "started": started, "code": code_version()}]
+
+
 def make_logger(cfg: DictConfig, identity: dict, name: str):
     """A TorchRL logger (``None`` for ``logger.backend=null``) named ``name``, the run's name, kept across resumes.
 
@@ -789,29 +818,50 @@ def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def evaluate(cfg: DictConfig, eval_env: EnvBase, policy) -> dict[str, float]:
+def evaluation_seed(seed: int, frames: int) -> int:
+    """The seed of the evaluation at ``frames``, drawn by ``numpy.random.SeedSequence`` from the run's ``seed`` and
+    ``frames`` (a stream apart from :func:`collector_seed`'s): the same for every algorithm and for a resumed run."""
+    return int(np.random.SeedSequence([seed, frames, 1]).generate_state(1, dtype=np.uint32)[0])
+
+
+def evaluate(cfg: DictConfig, eval_env: EnvBase, policy, frames: int) -> dict[str, float]:
     """Mean return over ``logger.eval_episodes`` episodes: ``eval/return`` with the deterministic action selection
     (SAC's Gaussian mean, S2AC's ``s2ac.eval_selection``) and, with ``logger.eval_stochastic``,
     ``eval/return_stochastic`` with the exploring one (SAC's sampled action, S2AC's ``s2ac.train_selection``,
-    SQL's sampler): S2AC's argmax-Q particle can score far below its own stochastic policy."""
+    SQL's sampler): S2AC's argmax-Q particle can score far below its own stochastic policy.
+
+    Both selections start from the same states: before each, the environments and torch's generators are seeded
+    with :func:`evaluation_seed` (``seed``, ``frames``), so runs of one seed are evaluated on the same episodes
+    whatever the algorithm, and a repeated evaluation repeats. The generators are forked: evaluating draws nothing
+    from the training's random streams."""
     selections = {"eval/return": ExplorationType.DETERMINISTIC}
     if cfg.logger.get("eval_stochastic"):  # absent from configs saved before the option existed
         selections["eval/return_stochastic"] = ExplorationType.RANDOM
-    metrics = {}
-    for key, exploration in selections.items():
-        with set_exploration_type(exploration), torch.no_grad():
-            rollout = eval_env.rollout(
-                cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True
-            )
-        reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
-        returns = (reward * until_first_done(rollout)).sum(-1)
-        metrics[key] = returns.mean().item()
-        metrics[f"{key}_std"] = returns.std().item() if returns.numel() > 1 else 0.0
-        if cfg.logger.video:
-            eval_env.transform.dump()
-    if cfg.env.library == "multigoal":
-        metrics.update(goal_coverage(cfg, policy))
+    seed = evaluation_seed(cfg.seed, frames)
+    cuda = [network_device(cfg)] if network_device(cfg).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        metrics = {}
+        for key, exploration in selections.items():
+            torch.manual_seed(seed)
+            eval_env.set_seed(seed)
+            with set_exploration_type(exploration), torch.no_grad():
+                rollout = eval_env.rollout(
+                    cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True
+                )
+            metrics.update(episode_returns(key, rollout))
+            if cfg.logger.video:
+                eval_env.transform.dump()
+        if cfg.env.library == "multigoal":
+            metrics.update(goal_coverage(cfg, policy))
     return metrics
+
+
+def episode_returns(key: str, rollout: TensorDictBase) -> dict[str, float]:
+    """``key`` and ``key_std``: the mean and standard deviation over episodes of the return up to each episode's
+    first done."""
+    reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
+    returns = (reward * until_first_done(rollout)).sum(-1)
+    return {key: returns.mean().item(), f"{key}_std": returns.std().item() if returns.numel() > 1 else 0.0}
 
 
 @torch.no_grad()
@@ -1038,7 +1088,10 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         )
         metrics_log.truncate(Path("metrics.jsonl"), state["frames"])
     identity = run_identity(cfg, algorithm)
-    Path("run.json").write_text(json.dumps({**identity, "hydra_files": hydra_files()}, indent=1) + "\n")
+    trained_by = sessions(bool(source), state["frames"])
+    Path("run.json").write_text(
+        json.dumps({**identity, "sessions": trained_by, "hydra_files": hydra_files()}, indent=1) + "\n"
+    )
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
     phase_target_updater(cfg, target_updater, state["updates"])
@@ -1087,6 +1140,10 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     multirun = in_multirun()
     stop = StopRequest(persist=multirun)
     try:
+        if 0 < state["next_eval"] <= state["frames"] < cfg.collector.total_frames:
+            # A stop skipped the evaluation due at these frames: run it now, at the frames it was due at.
+            record(evaluate(cfg, eval_env, agent.policy, state["frames"]))
+            state["next_eval"] += cfg.logger.eval_every_frames
         for data in collector if collector is not None else ():
             data = data.reshape(-1)
             stored, skipped = finite_transitions(data, cfg.collector.non_finite, state["frames"])
@@ -1135,7 +1192,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
             metrics = {}
             if state["frames"] >= state["next_eval"] and not stop.requested:
                 with timeit("eval"):
-                    metrics.update(evaluate(cfg, eval_env, agent.policy))
+                    metrics.update(evaluate(cfg, eval_env, agent.policy, state["frames"]))
                 state["next_eval"] += cfg.logger.eval_every_frames
                 progress.set_postfix(eval_return=f"{metrics['eval/return']:.1f}")
             if metrics or state["frames"] - last_log >= cfg.logger.log_every_frames:
@@ -1175,7 +1232,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         # a multirun job returns: raising would make joblib end the other jobs before they save (sweep.py)
         return {"frames": state["frames"], "updates": state["updates"], "interrupted": True}
     save()  # before the final record: a run killed in between resumes and evaluates again, never skipped unsaved
-    final = evaluate(cfg, eval_env, agent.policy)
+    final = evaluate(cfg, eval_env, agent.policy, state["frames"])
     record({**final, "final": 1})
     eval_env.close()
     if logger is not None and cfg.logger.backend == "wandb":

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -240,8 +241,14 @@ def slug(task: str) -> str:
 
 
 def interval(scores: dict[str, np.ndarray], function, reps: int) -> tuple[dict, dict]:
-    """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``."""
-    return rly.get_interval_estimates(scores, function, reps=reps, confidence_interval_size=0.95)
+    """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``; the
+    resampling is seeded, so a report run twice on the same runs prints the same intervals (rliable seeds its
+    bootstrap only through ``random_state``, which its ``arch`` backend marks deprecated)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+        return rly.get_interval_estimates(
+            scores, function, reps=reps, confidence_interval_size=0.95, random_state=np.random.RandomState(0)
+        )
 
 
 def aggregates(runs: list[Run], reps: int) -> dict[str, dict[str, tuple[float, float, float]]]:
@@ -299,9 +306,10 @@ def paired_differences(runs: list[Run], references: list[str]) -> list[tuple[str
     """Per reference/other pair, the seeds both finished, the final-score differences ``x_s - y_s`` at those
     seeds, and the exact two-sided p-value of the sign-flip test of a zero mean difference.
 
-    Runs with the same seed share the environments' random streams, so differencing them removes what the seed
-    alone contributes. Under the null hypothesis each difference is as likely negated; the test enumerates all
-    ``2^n`` sign patterns (``scipy.stats.permutation_test``), so with ``n`` seeds no p-value is below ``2 / 2^n``.
+    Runs with the same seed share the training environments' random streams and (runs from 2026-12-06 on) the
+    evaluation episodes, so differencing them removes what the seed alone contributes. Under the null hypothesis
+    each difference is as likely negated; the test enumerates all ``2^n`` sign patterns
+    (``scipy.stats.permutation_test``), so with ``n`` seeds no p-value is below ``2 / 2^n``.
     A seed with more than one run in either label pairs ambiguously and is left out.
     """
     by_seed = {}
@@ -500,8 +508,9 @@ def report(
         f"Final: {final}; AUC: average over the evaluation curve. Brackets: 95% "
         f"stratified-bootstrap confidence intervals ({reps} resamples, `rliable`). Unfinished runs are listed "
         "but not aggregated. Paired by seed: the differences between runs with the same seed (which share the "
-        "environments' random streams), and the exact two-sided sign-flip test of a zero mean difference; with n "
-        "seeds its p-value cannot fall below 2 / 2^n (0.25 at 3 seeds, 0.06 at 5).",
+        "training environments' random streams, and from 2026-12-06 on the evaluation episodes), and the exact "
+        "two-sided sign-flip test of a zero mean difference; with n seeds its p-value cannot fall below 2 / 2^n "
+        "(0.25 at 3 seeds, 0.06 at 5).",
         "",
     ]
     for algorithm, settings in (common or {}).items():

@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
 from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.objectives import SoftUpdate, group_optimizers
 
@@ -544,9 +545,8 @@ def test_resume_auto_continues_a_killed_run_then_skips_it_once_finished(tmp_path
 def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tmp_path):
     out = tmp_path / "run"
     # 20 frames x utd 100 = 2000 updates in the second batch: far longer than the stop may take.
-    proc = launch(
-        "s2ac", out, "collector.total_frames=100000", "collector.learning_starts=40", "optim.utd_ratio=100", popen=True
-    )
+    every_batch = ("collector.learning_starts=40", "logger.eval_every_frames=20")  # an evaluation due at 40 frames
+    proc = launch("s2ac", out, "collector.total_frames=100000", "optim.utd_ratio=100", *every_batch, popen=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
         time.sleep(0.1)
@@ -559,6 +559,14 @@ def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tm
     state = checkpoint.read_manifest(out / "checkpoints")[1]["state"]
     assert state["frames"] == 40 and 0 < state["updates"] < 2000 and load_script_checkpoint(out)
     assert state["updates"] + state["update_credit"] == 2000  # the updates it did not run are owed on resume
+    # The stop skipped the evaluation due at 40 frames; the resumed run runs it there, not a batch later.
+    resumed = launch("s2ac", out, "collector.total_frames=60", f"resume={out}", "optim.utd_ratio=0.5", *every_batch)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["frames"] for record in records if "eval/return" in record] == [20, 40, 60, 60]  # 60: final too
+    trained_by = json.loads((out / "run.json").read_text())["sessions"]  # the resume is on record
+    assert [session["frames"] for session in trained_by] == [0, 40]
+    assert all(session["code"] is None or len(session["code"].split("+")[0]) == 40 for session in trained_by)
 
 
 def sweep_command(out, seeds, *overrides) -> list[str]:
@@ -670,6 +678,25 @@ def test_a_resumed_run_seeds_its_environments_anew():
     resumed = {harness.collector_seed(seed, frames) for seed in (0, 1, 2) for frames in (2500, 5000)}
     assert len(resumed) == 6 and resumed.isdisjoint({0, 1, 2})
     assert harness.collector_seed(1, 2500) == harness.collector_seed(1, 2500)  # reproducible
+
+
+def test_evaluation_is_seeded_by_run_and_frames_and_draws_nothing_from_training():
+    cfg = config("sac", ["env=hopper", "env.max_episode_steps=40", "logger.eval_episodes=2", "network.device=cpu"])
+    eval_env = harness.make_eval_env(cfg, None)
+    # Uniform random actions from torch's generator, whatever the exploration type: with the same seeds the
+    # deterministic and stochastic evaluations see the same starts and draws, hence the same returns.
+    policy = TensorDictModule(
+        lambda observation: torch.rand(*observation.shape[:-1], 3) * 2 - 1, in_keys=["observation"], out_keys=["action"]
+    )
+    torch.manual_seed(0)
+    training_stream = torch.get_rng_state()
+    first = harness.evaluate(cfg, eval_env, policy, frames=5000)
+    assert torch.equal(torch.get_rng_state(), training_stream)  # evaluating drew nothing from it
+    assert first["eval/return"] == first["eval/return_stochastic"]
+    assert harness.evaluate(cfg, eval_env, policy, frames=5000) == first  # a repeated evaluation repeats
+    assert harness.evaluate(cfg, eval_env, policy, frames=10000)["eval/return"] != first["eval/return"]
+    assert harness.evaluation_seed(0, 5000) != harness.collector_seed(0, 5000)
+    eval_env.close()
 
 
 def test_hard_target_copy_after_every_nth_update_in_phase_on_resume():
