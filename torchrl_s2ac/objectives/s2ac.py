@@ -72,7 +72,8 @@ class S2ACLoss(SoftQCriticLoss):
             :class:`~torchrl_s2ac.objectives.critic_loss.SoftQCriticLoss` (its keys too).
 
     The constructor installs a :class:`~torchrl_s2ac.Temperature` with these settings in the actor
-    (``actor_network.temperature``), so that the actor acts with the temperature being learned.
+    (``actor_network.temperature``), so that the actor acts with the temperature being learned. One loss per
+    actor: a second ``S2ACLoss`` on an actor that a live one trains raises a ``ValueError``.
 
     The output TensorDict holds ``loss_actor``, ``loss_qvalue``, ``loss_alpha``,
     ``loss_amortized`` (zero without an amortized sampler), ``alpha``, ``entropy`` (mean closed-form
