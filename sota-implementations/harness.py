@@ -838,7 +838,7 @@ def evaluate(cfg: DictConfig, eval_env: EnvBase, policy, frames: int) -> dict[st
     if cfg.logger.get("eval_stochastic"):  # absent from configs saved before the option existed
         selections["eval/return_stochastic"] = ExplorationType.RANDOM
     seed = evaluation_seed(cfg.seed, frames)
-    cuda = [network_device(cfg)] if network_device(cfg).type == "cuda" else []
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []  # manual_seed seeds them all
     with torch.random.fork_rng(devices=cuda):
         metrics = {}
         for key, exploration in selections.items():
