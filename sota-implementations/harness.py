@@ -695,10 +695,14 @@ def code_version() -> str | None:
 
 def sessions(resumed: bool, frames: int) -> list[dict]:
     """``run.json``'s record of the sessions that trained this run: each one's start (frames done, time) and code
-    version (:func:`code_version`), the earlier ones kept when the run resumes."""
+    version (:func:`code_version`), the earlier ones kept when the run resumes (one entry with ``frames`` None
+    stands for sessions that predate this record or whose record was lost)."""
     earlier = []
     if resumed and Path("run.json").is_file():
-        earlier = json.loads(Path("run.json").read_text()).get("sessions", [])
+        try:
+            earlier = json.loads(Path("run.json").read_text()).get("sessions", [{"frames": None, "code": None}])
+        except ValueError:  # torn by a kill while written: the earlier sessions are unknown
+            earlier = [{"frames": None, "code": None}]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return [*earlier, {"frames": frames, "started": started, "code": code_version()}]
 
@@ -818,27 +822,35 @@ def check_compiled_update(loss: LossModule, metrics: TensorDict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def evaluation_seed(seed: int, frames: int) -> int:
+def evaluation_seed(seed: int, frames: int, final: bool = False) -> int:
     """The seed of the evaluation at ``frames``, drawn by ``numpy.random.SeedSequence`` from the run's ``seed`` and
-    ``frames`` (a stream apart from :func:`collector_seed`'s): the same for every algorithm and for a resumed run."""
-    return int(np.random.SeedSequence([seed, frames, 1]).generate_state(1, dtype=np.uint32)[0])
+    ``frames`` (a stream apart from :func:`collector_seed`'s): the same for every algorithm and for a resumed run.
+    The final evaluation has its own, so that it does not repeat a periodic one at the same frames."""
+    return int(np.random.SeedSequence([seed, frames, 2 if final else 1]).generate_state(1, dtype=np.uint32)[0])
 
 
-def evaluate(cfg: DictConfig, eval_env: EnvBase, policy, frames: int) -> dict[str, float]:
+def evaluation_owed(state: dict, total_frames: int) -> bool:
+    """Whether a run resumes owing the evaluation due at its frames: a stop skips the evaluation due in the batch
+    it interrupts (the final evaluation is never owed: it follows)."""
+    return 0 < state["frames"] < total_frames and state["next_eval"] <= state["frames"]
+
+
+def evaluate(cfg: DictConfig, eval_env: EnvBase, policy, frames: int, final: bool = False) -> dict[str, float]:
     """Mean return over ``logger.eval_episodes`` episodes: ``eval/return`` with the deterministic action selection
     (SAC's Gaussian mean, S2AC's ``s2ac.eval_selection``) and, with ``logger.eval_stochastic``,
     ``eval/return_stochastic`` with the exploring one (SAC's sampled action, S2AC's ``s2ac.train_selection``,
     SQL's sampler): S2AC's argmax-Q particle can score far below its own stochastic policy.
 
     Both selections start from the same states: before each, the environments and torch's generators are seeded
-    with :func:`evaluation_seed` (``seed``, ``frames``), so runs of one seed are evaluated on the same episodes
-    whatever the algorithm, and a repeated evaluation repeats. The generators are forked: evaluating draws nothing
-    from the training's random streams."""
+    with :func:`evaluation_seed` (``seed``, ``frames``, ``final``), so runs of one seed are evaluated on the same
+    episodes whatever the algorithm, and a repeated evaluation repeats. The generators are forked: evaluating draws
+    nothing from the training's random streams."""
     selections = {"eval/return": ExplorationType.DETERMINISTIC}
     if cfg.logger.get("eval_stochastic"):  # absent from configs saved before the option existed
         selections["eval/return_stochastic"] = ExplorationType.RANDOM
-    seed = evaluation_seed(cfg.seed, frames)
-    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []  # manual_seed seeds them all
+    seed = evaluation_seed(cfg.seed, frames, final)
+    # manual_seed reseeds every CUDA generator: fork them all where CUDA is in use (forking starts CUDA)
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
         metrics = {}
         for key, exploration in selections.items():
@@ -1089,9 +1101,9 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         metrics_log.truncate(Path("metrics.jsonl"), state["frames"])
     identity = run_identity(cfg, algorithm)
     trained_by = sessions(bool(source), state["frames"])
-    Path("run.json").write_text(
-        json.dumps({**identity, "sessions": trained_by, "hydra_files": hydra_files()}, indent=1) + "\n"
-    )
+    written = Path("run.json.tmp")
+    written.write_text(json.dumps({**identity, "sessions": trained_by, "hydra_files": hydra_files()}, indent=1) + "\n")
+    written.replace("run.json")
     state["run_id"] = state["run_id"] or generate_exp_name(algorithm.upper(), cfg.logger.exp_name)
     logger = make_logger(cfg, identity, state["run_id"])
     phase_target_updater(cfg, target_updater, state["updates"])
@@ -1140,8 +1152,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
     multirun = in_multirun()
     stop = StopRequest(persist=multirun)
     try:
-        if 0 < state["next_eval"] <= state["frames"] < cfg.collector.total_frames:
-            # A stop skipped the evaluation due at these frames: run it now, at the frames it was due at.
+        if evaluation_owed(state, cfg.collector.total_frames):  # at the frames it was due at
             record(evaluate(cfg, eval_env, agent.policy, state["frames"]))
             state["next_eval"] += cfg.logger.eval_every_frames
         for data in collector if collector is not None else ():
@@ -1232,7 +1243,7 @@ def _train(cfg: DictConfig, algorithm: str, make_agent: Callable[[DictConfig, En
         # a multirun job returns: raising would make joblib end the other jobs before they save (sweep.py)
         return {"frames": state["frames"], "updates": state["updates"], "interrupted": True}
     save()  # before the final record: a run killed in between resumes and evaluates again, never skipped unsaved
-    final = evaluate(cfg, eval_env, agent.policy, state["frames"])
+    final = evaluate(cfg, eval_env, agent.policy, state["frames"], final=True)
     record({**final, "final": 1})
     eval_env.close()
     if logger is not None and cfg.logger.backend == "wandb":

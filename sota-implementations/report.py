@@ -241,14 +241,19 @@ def slug(task: str) -> str:
 
 
 def interval(scores: dict[str, np.ndarray], function, reps: int) -> tuple[dict, dict]:
-    """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``; the
-    resampling is seeded, so a report run twice on the same runs prints the same intervals (rliable seeds its
-    bootstrap only through ``random_state``, which its ``arch`` backend marks deprecated)."""
+    """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``; each
+    entry's resampling is seeded on its own, so an entry's interval is the same in every report that holds its runs
+    (rliable seeds its bootstrap only through ``random_state``, which its ``arch`` backend marks deprecated)."""
+    points, intervals = {}, {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
-        return rly.get_interval_estimates(
-            scores, function, reps=reps, confidence_interval_size=0.95, random_state=np.random.RandomState(0)
-        )
+        for key, entry in scores.items():
+            point, ci = rly.get_interval_estimates(
+                {key: entry}, function, reps=reps, confidence_interval_size=0.95, random_state=np.random.RandomState(0)
+            )
+            points.update(point)
+            intervals.update(ci)
+    return points, intervals
 
 
 def aggregates(runs: list[Run], reps: int) -> dict[str, dict[str, tuple[float, float, float]]]:

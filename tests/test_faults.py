@@ -566,7 +566,7 @@ def test_sigterm_mid_batch_stops_between_updates_with_a_consistent_checkpoint(tm
     assert [record["frames"] for record in records if "eval/return" in record] == [20, 40, 60, 60]  # 60: final too
     trained_by = json.loads((out / "run.json").read_text())["sessions"]  # the resume is on record
     assert [session["frames"] for session in trained_by] == [0, 40]
-    assert all(session["code"] is None or len(session["code"].split("+")[0]) == 40 for session in trained_by)
+    assert all(session["code"] == harness.code_version() for session in trained_by)  # this checkout
 
 
 def sweep_command(out, seeds, *overrides) -> list[str]:
@@ -696,7 +696,19 @@ def test_evaluation_is_seeded_by_run_and_frames_and_draws_nothing_from_training(
     assert harness.evaluate(cfg, eval_env, policy, frames=5000) == first  # a repeated evaluation repeats
     assert harness.evaluate(cfg, eval_env, policy, frames=10000)["eval/return"] != first["eval/return"]
     assert harness.evaluation_seed(0, 5000) != harness.collector_seed(0, 5000)
+    assert harness.evaluation_seed(0, 5000, final=True) != harness.evaluation_seed(0, 5000)  # not a repeat
     eval_env.close()
+
+
+def test_an_evaluation_a_stop_skipped_is_owed_on_resume():
+    def owed(frames, next_eval, total=100):
+        return harness.evaluation_owed({"frames": frames, "next_eval": next_eval}, total)
+
+    assert not owed(0, 0)  # a fresh run evaluates after its first batch
+    assert owed(20, 0)  # stopped in the first batch: its evaluation was skipped
+    assert owed(40, 20) and owed(40, 40)  # stopped in a later batch an evaluation was due in
+    assert not owed(40, 60)  # saved after the evaluation (a periodic checkpoint)
+    assert not owed(100, 100)  # finished: the final evaluation follows
 
 
 def test_hard_target_copy_after_every_nth_update_in_phase_on_resume():

@@ -1,6 +1,8 @@
 """S2ACLoss against a hand-written reference, gradient isolation, keys, reductions."""
 
+import copy
 import gc
+import io
 import math
 
 import pytest
@@ -324,6 +326,17 @@ def test_errors():
     td["next", "reward"] = torch.randn(5, 3, dtype=DT)
     with pytest.raises(ValueError, match=r"\(.next., .reward.\) has shape \(5, 3\)"):
         loss(td)
+
+
+def test_copies_of_a_loss_keep_their_actor_bound():
+    loss, _, _ = build()
+    buffer = io.BytesIO()
+    torch.save(loss, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(loss), torch.load(buffer, weights_only=False)):
+        assert copied.actor_network.temperature is copied.temperature
+        with pytest.raises(ValueError, match="already trained by another S2ACLoss"):
+            S2ACLoss(copied.actor_network)
 
 
 def test_a_deleted_loss_frees_its_actor():

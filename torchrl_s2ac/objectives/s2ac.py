@@ -164,6 +164,15 @@ class S2ACLoss(SoftQCriticLoss):
         self.fixed_alpha = fixed_alpha
         self.register_buffer("target_entropy", torch.tensor(float(target_entropy), device=own.device))
 
+    def __deepcopy__(self, memo: dict) -> S2ACLoss:
+        copied = super().__deepcopy__(memo)
+        _TRAINING_LOSS[copied.temperature] = weakref.ref(copied)  # the copied actor is the copy's to train
+        return copied
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _TRAINING_LOSS[self.temperature] = weakref.ref(self)  # unpickled (torch.load, a collector's worker)
+
     @property
     def log_alpha(self) -> torch.Tensor:
         r"""The temperature's :math:`\log\alpha` (a parameter when learned)."""
@@ -259,8 +268,9 @@ class S2ACLoss(SoftQCriticLoss):
         r""":math:`-\log\alpha\,(\log\pi + \bar{\mathcal H})` averaged over particles; zero when alpha is fixed.
 
         At a bound of the temperature's clamp (``min_alpha``, ``max_alpha``) the gradient is dropped when
-        descent would push :math:`\log\alpha` further out: the parameter then stays at the bound instead of
-        drifting past it, where the clamp hides it and the way back takes as many steps as the drift took.
+        descent (on the batch mean) would push :math:`\log\alpha` further out: the parameter then stays at the
+        bound, up to an optimiser's momentum, instead of drifting past it, where the clamp hides it and the way
+        back takes as many steps as the drift took.
         """
         if self.fixed_alpha:
             return torch.zeros((), device=log_prob.device)
