@@ -242,17 +242,29 @@ def slug(task: str) -> str:
 
 def interval(scores: dict[str, np.ndarray], function, reps: int) -> tuple[dict, dict]:
     """Point estimates and 95% stratified-bootstrap intervals of ``function`` for each entry of ``scores``; each
-    entry's resampling is seeded on its own, so an entry's interval is the same in every report that holds its runs
-    (rliable seeds its bootstrap only through ``random_state``, which its ``arch`` backend marks deprecated)."""
+    entry's resampling is seeded on its own, so an entry's interval is the same in every report that holds its runs.
+
+    rliable draws its resampling indices from numpy's global generator (``np.random.choice``) and hands
+    ``random_state`` (deprecated by its ``arch`` backend) to the rest: both are seeded here, and numpy's global
+    state is put back afterwards."""
     points, intervals = {}, {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
-        for key, entry in scores.items():
-            point, ci = rly.get_interval_estimates(
-                {key: entry}, function, reps=reps, confidence_interval_size=0.95, random_state=np.random.RandomState(0)
-            )
-            points.update(point)
-            intervals.update(ci)
+    global_state = np.random.get_state()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+            for key, entry in scores.items():
+                np.random.seed(0)
+                point, ci = rly.get_interval_estimates(
+                    {key: entry},
+                    function,
+                    reps=reps,
+                    confidence_interval_size=0.95,
+                    random_state=np.random.RandomState(0),
+                )
+                points.update(point)
+                intervals.update(ci)
+    finally:
+        np.random.set_state(global_state)
     return points, intervals
 
 
