@@ -279,5 +279,5 @@ class S2ACLoss(SoftQCriticLoss):
         outward = ((temperature.log_alpha >= temperature.max_log_alpha) & (push > 0)) | (
             (temperature.log_alpha <= temperature.min_log_alpha) & (push < 0)
         )
-        loss = -self.log_alpha * torch.where(outward, torch.zeros_like(excess), excess)
+        loss = -self.log_alpha * excess.masked_fill(outward, 0.0)
         return self._reduce_loss(loss, tensordict=tensordict)
