@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test docs bench entropy hopper walker2d halfcheetah ablations multigoal multigoal_temperature campaign clean
+.PHONY: setup train test docs bench entropy hopper walker2d halfcheetah ant ablations multigoal multigoal_temperature campaign clean
 
 setup: $(STAMP)
 
@@ -87,6 +87,12 @@ CHEETAH_SEEDS ?= 0,1,2,3,4
 CHEETAH_FRAMES ?= 30000
 halfcheetah: $(STAMP)
 	$(call compare,halfcheetah,$(CHEETAH_SEEDS),$(CHEETAH_FRAMES),results/halfcheetah,0.0333,--metric eval/return_stochastic)
+
+# Ant-v5 (Haarnoja et al.'s reward scale 300: SQL alpha 0.00333), the same harness at 30k frames.
+ANT_SEEDS ?= 0,1,2,3,4
+ANT_FRAMES ?= 30000
+ant: $(STAMP)
+	$(call compare,ant,$(ANT_SEEDS),$(ANT_FRAMES),results/ant,0.00333,--metric eval/return_stochastic)
 
 # Ablations that decide S2AC's MuJoCo defaults: Hopper-v5, 3 seeds, 30k frames, compiled update, one setting
 # changed per arm (config/ablation/*.yaml, the budget in config/experiment/hopper_ablation.yaml). One multirun: rerun

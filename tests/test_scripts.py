@@ -283,3 +283,22 @@ def test_bad_config_fails_with_one_clear_line(tmp_path, script, override, messag
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Invalid configuration:") and message in last_line
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_trivial_policies_score_what_the_tasks_pay_for_doing_nothing():
+    """Zero action: HalfCheetah-v5 pays nothing for 1000 steps, Ant-v5 its healthy reward (1 per step) for 1000 steps;
+    uniform actions topple Hopper-v5 long before its time limit, and the return stops at that first done."""
+    from hydra import compose, initialize_config_dir
+
+    import trivial_policies
+
+    with initialize_config_dir(config_dir=str(SCRIPTS / "config"), version_base="1.3"):
+        cheetah, ant, hopper = (
+            compose(config_name="sac", overrides=[f"env={task}"]) for task in ("halfcheetah", "ant", "hopper")
+        )
+    returns, lengths = trivial_policies.play(cheetah, "zero", episodes=2, seed=0)
+    assert lengths.tolist() == [1000, 1000] and returns.abs().max() < 5
+    returns, lengths = trivial_policies.play(ant, "zero", episodes=2, seed=0)
+    assert lengths.tolist() == [1000, 1000] and (returns - 1000).abs().max() < 50
+    returns, lengths = trivial_policies.play(hopper, "uniform", episodes=2, seed=0)
+    assert lengths.max() < 100 and returns.abs().max() < lengths.max() * 4
