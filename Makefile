@@ -81,8 +81,8 @@ WALKER_FRAMES ?= 30000
 walker2d: $(STAMP)
 	$(call compare,walker2d,$(WALKER_SEEDS),$(WALKER_FRAMES),results/walker2d,0.1,--metric eval/return_stochastic)
 
-# HalfCheetah-v5 (Haarnoja et al.'s reward scale 30: SQL alpha 0.0333), the same harness at 30k frames. What ran
-# here: SAC and SQL 5 seeds (10-15 min each), S2AC seed 0 (1.1 h beside another run); rerun to continue the rest.
+# HalfCheetah-v5 (Haarnoja et al.'s reward scale 30: SQL alpha 0.0333), the same harness at 30k frames: 5 seeds ran
+# here (SAC and SQL 10-15 min per run, S2AC 30 min beside another run on the AMX Xeon, 1.1 h on an AVX2 EPYC).
 CHEETAH_SEEDS ?= 0,1,2,3,4
 CHEETAH_FRAMES ?= 30000
 halfcheetah: $(STAMP)
