@@ -35,8 +35,7 @@ def play(cfg, policy, exploration: ExplorationType, episodes: int, seed: int) ->
         rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     milliseconds = 1000 * (time.perf_counter() - start) / rollout.shape[-1]
     env.close()
-    reward = rollout.get(("next", "reward")).squeeze(-1)
-    return (reward * harness.until_first_done(rollout)).sum(-1), milliseconds
+    return harness.returns_to_first_done(rollout), milliseconds
 
 
 def main() -> None:

@@ -868,11 +868,14 @@ def evaluate(cfg: DictConfig, eval_env: EnvBase, policy, frames: int, final: boo
     return metrics
 
 
+def returns_to_first_done(rollout: TensorDictBase) -> torch.Tensor:
+    """``[episodes]``: each episode's return up to its first done (the rollout runs on past it)."""
+    return (rollout.get(("next", "reward")).squeeze(-1) * until_first_done(rollout)).sum(-1)
+
+
 def episode_returns(key: str, rollout: TensorDictBase) -> dict[str, float]:
-    """``key`` and ``key_std``: the mean and standard deviation over episodes of the return up to each episode's
-    first done."""
-    reward = rollout.get(("next", "reward")).squeeze(-1)  # [episodes, T]
-    returns = (reward * until_first_done(rollout)).sum(-1)
+    """``key`` and ``key_std``: the mean and standard deviation over episodes of :func:`returns_to_first_done`."""
+    returns = returns_to_first_done(rollout)
     return {key: returns.mean().item(), f"{key}_std": returns.std().item() if returns.numel() > 1 else 0.0}
 
 
@@ -893,7 +896,7 @@ def goal_coverage(cfg: DictConfig, policy) -> dict[str, float]:
     with set_exploration_type(ExplorationType.RANDOM):
         rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False, auto_cast_to_device=True)
     hits = goal_hits(env.goals, rollout).float()  # [episodes, goals]
-    returns = (rollout.get(("next", "reward")).squeeze(-1) * until_first_done(rollout)).sum(-1)
+    returns = returns_to_first_done(rollout)
     metrics = {"eval/goals_reached": float(hits.any(0).sum()), "eval/explore_return": returns.mean().item()}
     metrics.update({f"eval/goal{k}_fraction": fraction.item() for k, fraction in enumerate(hits.mean(0))})
     return metrics

@@ -41,9 +41,7 @@ def play(cfg, policy_name: str, episodes: int, seed: int) -> tuple[torch.Tensor,
     with torch.no_grad():
         rollout = env.rollout(cfg.env.max_episode_steps, policy, break_when_any_done=False)
     env.close()
-    alive = harness.until_first_done(rollout)
-    returns = (rollout.get(("next", "reward")).squeeze(-1) * alive).sum(-1)
-    return returns, alive.sum(-1).float()
+    return harness.returns_to_first_done(rollout), harness.until_first_done(rollout).sum(-1).float()
 
 
 def main() -> None:
