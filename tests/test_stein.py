@@ -324,6 +324,30 @@ def test_compiled_truncated_normal_draws_are_fresh_per_call_and_as_eager():
     torch.testing.assert_close(compiled_second, eager_second)
 
 
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_truncated_normal_icdf_is_computed_inside_the_compiled_graph(cpp_wrapper):
+    """Inductor lowers the inverse CDF into one kernel whose result it stores: the compiled code never calls the
+    operator's Python kernel back (a proxy call per draw with the C++ wrapper), and its values are the eager
+    ones."""
+    from torch._inductor.utils import run_and_get_code
+
+    from torchrl_s2ac.distributions import truncated_normal_icdf
+
+    def draws_squared(v):
+        z = truncated_normal_icdf(v, 3.0)
+        return (z.unsqueeze(-2) - z.unsqueeze(-3)).square().sum(-1)  # read 2 m times, as the kernel matrix does
+
+    v = torch.rand(4, 10, 3, dtype=torch.float64)
+    v[0, 0] = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)  # the clamped ends and the centre
+    compiled = torch.compile(draws_squared, fullgraph=True, options={"cpp_wrapper": cpp_wrapper})
+    with inductor_config.patch(fx_graph_cache=False):  # a graph cached before the lowering would hide it
+        out, code = run_and_get_code(compiled, v)
+    assert not any("torchrl_s2ac.truncated_normal_icdf" in source for source in code)
+    kernels = [kernel for source in code for kernel in source.split('extern "C"')[1:]]
+    assert sum("calc_ndtri" in kernel for kernel in kernels) == 1  # stored once, not inlined into each reader
+    torch.testing.assert_close(out, draws_squared(v))
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo (Linux)")
 def test_bf16_matmul_probe_agrees_with_the_cpu_flags():
     """``has_bf16_matmul("cpu")`` holds exactly when the kernel lists AVX-512 BF16 or AMX-BF16 for this CPU."""
