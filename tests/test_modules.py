@@ -3,6 +3,7 @@
 import functools
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -290,6 +291,20 @@ def test_compiled_acting_matches_eager(selection, return_log_prob):
     assert all((key in compiled.keys()) == return_log_prob for key in log_prob_keys)
     for key in log_prob_keys if return_log_prob else ():
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("warn_ratio, warns", [(1e-9, True), (None, False), (1e9, False)])
+def test_compiled_acting_warns_on_a_long_svgd_step(warn_ratio, warns):
+    """The compiled graph flags a step ratio above ``warn_ratio``; the call then warns as the eager sampler does."""
+    actor, _ = make_actor(compile_acting=True, warn_ratio=warn_ratio)
+    td = TensorDict({"observation": torch.randn(4, 3)}, [4])
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action = actor(td.clone())["action"]
+    assert list(actor._compiled_choose) == ["cpu"]
+    assert torch.isfinite(action).all()
+    messages = [str(warning.message) for warning in caught]
+    assert any("invertibility condition violated" in message for message in messages) == warns, messages
 
 
 def test_compiled_acting_names_the_failing_step_of_a_non_finite_sample():

@@ -139,11 +139,11 @@ class SVGDActor(TensorDictModuleBase):
             evaluation), sampling and particle choice together (:meth:`choose`), as one
             :func:`torch.compile` graph, with inductor's C++ wrapper on CPU (it spares each call
             the Python launcher of the graph's kernels). Possible because the closed-form critic
-            gradient needs no double backward; the loss path stays eager. One host synchronisation
-            per call checks the particles for NaN or inf (none with ``check_finite=False``); on a
-            non-finite value the call reruns eagerly, which raises naming the failing SVGD step (or
-            warns, if the rerun's fresh draws are finite). One more reads the step ratio for the
-            invertibility warning (none with ``warn_ratio=None``). The first call per selection
+            gradient needs no double backward; the loss path stays eager. The graph also computes one
+            flag, read by the call's one host synchronisation: a NaN or inf among the particles
+            (with ``check_finite``) or a step ratio above ``warn_ratio``. On a non-finite value the
+            call reruns eagerly, which raises naming the failing SVGD step (or warns, if the rerun's
+            fresh draws are finite); on a long step it warns. The first call per selection
             rule, batch shape and device type compiles (seconds).
             Defaults to ``False``. The whole actor also compiles as one graph, e.g. through a
             TorchRL collector's ``compile_policy`` (then the finite checks and the invertibility
@@ -296,12 +296,13 @@ class SVGDActor(TensorDictModuleBase):
         device_type = observation.device.type
         if device_type not in self._compiled_choose:
             options = {"cpp_wrapper": True} if device_type == "cpu" else None
-            self._compiled_choose[device_type] = torch.compile(self.choose, dynamic=False, options=options)
-        choice = self._compiled_choose[device_type](observation, selection)
+            self._compiled_choose[device_type] = torch.compile(self._checked_choice, dynamic=False, options=options)
+        choice, suspect = self._compiled_choose[device_type](observation, selection)
+        if not suspect:  # the one host synchronisation of a healthy call
+            return choice
         sample = choice.sample
         outputs = {"action": sample.action, "log_prob": sample.log_prob}
-        outputs = {name: value for name, value in outputs.items() if value is not None}
-        if self.stein.check_finite and first_non_finite(outputs) is not None:
+        if self.stein.check_finite and first_non_finite({k: v for k, v in outputs.items() if v is not None}):
             # The compiled graph skips the per-step checks; rerun eagerly, which raises naming the failing step.
             choice = self.choose(observation, selection)
             warnings.warn(
@@ -312,6 +313,20 @@ class SVGDActor(TensorDictModuleBase):
             return choice
         self.stein.warn_if_not_invertible(sample.step_ratio)  # also left out of the graph
         return choice
+
+    def _checked_choice(self, observation: torch.Tensor, selection: str) -> tuple[ParticleChoice, torch.Tensor]:
+        """:meth:`choose`, and whether its result needs the host's attention (a 0-d bool, computed in the compiled
+        graph): a non-finite particle or log-density (with ``check_finite``), or an SVGD step ratio above
+        ``warn_ratio``."""
+        choice = self.choose(observation, selection)
+        sample = choice.sample
+        suspect = torch.zeros((), dtype=torch.bool, device=observation.device)
+        if self.stein.check_finite:
+            outputs = [value for value in (sample.action, sample.log_prob) if value is not None]
+            suspect = suspect | ~torch.stack([torch.isfinite(value).all() for value in outputs]).all()
+        if self.stein.warn_ratio is not None and sample.step_ratio.numel():
+            suspect = suspect | (sample.step_ratio.max() > self.stein.warn_ratio)
+        return choice, suspect
 
     def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Mean :math:`\mu_\theta(s)` and clamped std :math:`\sigma_\theta(s)` of :math:`q^0`, each ``[*batch, d]``."""
