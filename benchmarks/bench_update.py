@@ -8,7 +8,8 @@ measured interleaved, and their ratio; where the S2AC update stands against the
 hardware (GFLOP per update from ``FlopCounterMode``, the fp32 and bf16 matmul
 rates at the update's shapes, the update time as a multiple of the fp32 matmul
 floor, graph breaks and compiled vs eager time) and where its time goes (profiler
-table); acting rates; how update time and the update's peak memory scale with m,
+tables: the eager update's top ops, the compiled update's matrix products against its
+fused kernels and overhead); acting rates; how update time and the update's peak memory scale with m,
 L and batch. Every time is the median over repetitions after warm-up.
 """
 
@@ -21,6 +22,7 @@ import statistics
 import time
 
 import torch
+from torch._inductor import config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -265,6 +267,41 @@ def profile_rows(update, device: torch.device, updates: int = 3, rows: int = 12)
     ]
 
 
+MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
+
+
+def compiled_time_rows(loss, data: TensorDict, gflop: float, fp32_gflops: float, updates: int = 5) -> list[str]:
+    """Markdown rows splitting a compiled update's wall time: the matrix products (ATen's, called from the graph;
+    with their rate against the measured fp32 rate), inductor's fused kernels (elementwise work and reductions),
+    the other ATen calls the graph makes, and what is in no kernel (wrappers, autograd, the optimiser's glue).
+    CPU only: inductor's per-kernel profiler events exist for its C++ kernels."""
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # read when the graph is compiled
+        update = torch.compile(update_fn(loss, data))
+        for _ in range(3):
+            update()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(updates):
+            update()
+        wall_ms = 1000 * (time.perf_counter() - start) / updates
+    parts = dict.fromkeys(("matrix products", "inductor's fused kernels", "other ATen calls"), 0.0)
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1000 / updates
+        if event.key in MATMUL_OPS:
+            parts["matrix products"] += ms
+        elif event.key.startswith("graph_") and "_cpp_fused_" in event.key:
+            parts["inductor's fused kernels"] += ms
+        elif event.key.startswith("aten::"):
+            parts["other ATen calls"] += ms
+    parts["in no kernel (wrappers, autograd, optimiser glue)"] = wall_ms - sum(parts.values())
+    rate = gflop / parts["matrix products"] * 1000
+    notes = {"matrix products": f" ({rate:.0f} GFLOP/s, {100 * rate / fp32_gflops:.0f}% of the measured fp32 rate)"}
+    return [
+        f"| {name}{notes.get(name, '')} | {ms:.1f} | {100 * ms / wall_ms:.0f}% |"
+        for name, ms in [*parts.items(), ("whole update (under the profiler)", wall_ms)]
+    ]
+
+
 def _resident_mb(field: str) -> float:
     """``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark) of this process, from ``/proc/self/status``."""
     for line in open("/proc/self/status"):
@@ -449,6 +486,15 @@ def main() -> None:
         "| --- | --- | --- | --- |",
         *profile_rows(update_fn(eager_loss, data), device),
     ]
+    if device.type == "cpu":
+        lines += [
+            "",
+            "Where the compiled fp32 update's time goes (torch.profiler, self time; inductor's kernel profiling on):",
+            "",
+            "| part | ms / update | share |",
+            "| --- | --- | --- |",
+            *compiled_time_rows(s2ac_agent(obs_dim, act_dim, device=device)[1], data, gflop, fp32),
+        ]
 
     # The amortized sampler's training cost, and the SQL baseline, on the same data.
     s2ac_actor, s2ac_loss = s2ac_agent(obs_dim, act_dim, device=device)
