@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-from torch._inductor import config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -275,10 +274,10 @@ def compiled_time_rows(loss, data: TensorDict, gflop: float, fp32_gflops: float,
     with their rate against the measured fp32 rate), inductor's fused kernels (elementwise work and reductions),
     the other ATen calls the graph makes, and what is in no kernel (wrappers, autograd, the optimiser's glue).
     CPU only: inductor's per-kernel profiler events exist for its C++ kernels."""
-    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # read when the graph is compiled
-        update = torch.compile(update_fn(loss, data))
-        for _ in range(3):
-            update()
+    # Options of its own: another compiler, so dynamo does not reuse a graph compiled earlier without the profiling.
+    update = torch.compile(update_fn(loss, data), options={"cpp.enable_kernel_profile": True})
+    for _ in range(3):
+        update()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(updates):
