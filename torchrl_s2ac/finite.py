@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["NonFiniteError", "first_non_finite", "recording_graph"]
+__all__ = ["NonFiniteError", "all_finite", "first_non_finite", "recording_graph"]
 
 
 class NonFiniteError(FloatingPointError):
     """Raised when data (observations, actions, rewards) holds NaN or inf; the message names the key and its source."""
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of every tensor is finite, as a 0-d bool tensor: no host synchronisation, so a
+    compiled graph can compute it."""
+    return torch.stack([torch.isfinite(value).all() for value in tensors]).all()
+
+
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the first tensor in ``tensors`` holding a NaN or an inf, or ``None`` when all are finite."""
-    if torch.stack([torch.isfinite(value).all() for value in tensors.values()]).all():
+    if all_finite(tensors.values()):
         return None
     return next(name for name, value in tensors.items() if not torch.isfinite(value).all())
 

@@ -16,7 +16,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
-from torchrl_s2ac.finite import first_non_finite
+from torchrl_s2ac.finite import all_finite, first_non_finite
 from torchrl_s2ac.kernels import RBFKernel
 from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
@@ -302,7 +302,8 @@ class SVGDActor(TensorDictModuleBase):
             return choice
         sample = choice.sample
         outputs = {"action": sample.action, "log_prob": sample.log_prob}
-        if self.stein.check_finite and first_non_finite({k: v for k, v in outputs.items() if v is not None}):
+        outputs = {name: value for name, value in outputs.items() if value is not None}
+        if self.stein.check_finite and first_non_finite(outputs) is not None:
             # The compiled graph skips the per-step checks; rerun eagerly, which raises naming the failing step.
             choice = self.choose(observation, selection)
             warnings.warn(
@@ -322,8 +323,7 @@ class SVGDActor(TensorDictModuleBase):
         sample = choice.sample
         suspect = torch.zeros((), dtype=torch.bool, device=observation.device)
         if self.stein.check_finite:
-            outputs = [value for value in (sample.action, sample.log_prob) if value is not None]
-            suspect = suspect | ~torch.stack([torch.isfinite(value).all() for value in outputs]).all()
+            suspect = suspect | ~all_finite(value for value in (sample.action, sample.log_prob) if value is not None)
         if self.stein.warn_ratio is not None and sample.step_ratio.numel():
             suspect = suspect | (sample.step_ratio.max() > self.stein.warn_ratio)
         return choice, suspect
