@@ -5,6 +5,7 @@ policies without a density (SQL's implicit sampler).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,9 +43,7 @@ def _(v: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.empty_like(v)
 
 
-_inductor_lowering_registered = False
-
-
+@functools.cache  # once per process
 def _register_inductor_lowering() -> None:
     """Teach inductor :func:`truncated_normal_icdf`: the same pointwise formula, realized into a buffer.
 
@@ -53,10 +52,6 @@ def _register_inductor_lowering() -> None:
     compiled single-environment acting step). Uses inductor's lowering table (a private API, pinned torch); if it
     is missing the op keeps its Python kernel, which is correct, only slower.
     """
-    global _inductor_lowering_registered
-    if _inductor_lowering_registered:
-        return
-    _inductor_lowering_registered = True
     try:
         from torch._inductor.lowering import lowerings, register_lowering
     except ImportError:

@@ -16,7 +16,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules import MLP
 
 from torchrl_s2ac.distributions import TanhSquash, sample_truncated_normal
-from torchrl_s2ac.finite import all_finite, first_non_finite
+from torchrl_s2ac.finite import all_finite
 from torchrl_s2ac.kernels import RBFKernel
 from torchrl_s2ac.modules.critic import as_critic_ensemble
 from torchrl_s2ac.modules.sampler import AmortizedSampler
@@ -139,9 +139,9 @@ class SVGDActor(TensorDictModuleBase):
             evaluation), sampling and particle choice together (:meth:`choose`), as one
             :func:`torch.compile` graph, with inductor's C++ wrapper on CPU (it spares each call
             the Python launcher of the graph's kernels). Possible because the closed-form critic
-            gradient needs no double backward; the loss path stays eager. The graph also computes one
-            flag, read by the call's one host synchronisation: a NaN or inf among the particles
-            (with ``check_finite``) or a step ratio above ``warn_ratio``. On a non-finite value the
+            gradient needs no double backward; the loss path stays eager. The graph also computes two
+            flags, read by the call's one host synchronisation: a NaN or inf among the particles
+            (with ``check_finite``) and a step ratio above ``warn_ratio``. On a non-finite value the
             call reruns eagerly, which raises naming the failing SVGD step (or warns, if the rerun's
             fresh draws are finite); on a long step it warns. The first call per selection
             rule, batch shape and device type compiles (seconds).
@@ -297,13 +297,9 @@ class SVGDActor(TensorDictModuleBase):
         if device_type not in self._compiled_choose:
             options = {"cpp_wrapper": True} if device_type == "cpu" else None
             self._compiled_choose[device_type] = torch.compile(self._checked_choice, dynamic=False, options=options)
-        choice, suspect = self._compiled_choose[device_type](observation, selection)
-        if not suspect:  # the one host synchronisation of a healthy call
-            return choice
-        sample = choice.sample
-        outputs = {"action": sample.action, "log_prob": sample.log_prob}
-        outputs = {name: value for name, value in outputs.items() if value is not None}
-        if self.stein.check_finite and first_non_finite(outputs) is not None:
+        choice, flags = self._compiled_choose[device_type](observation, selection)
+        non_finite, long_step = flags.tolist()  # the call's one host synchronisation
+        if non_finite:
             # The compiled graph skips the per-step checks; rerun eagerly, which raises naming the failing step.
             choice = self.choose(observation, selection)
             warnings.warn(
@@ -311,22 +307,22 @@ class SVGDActor(TensorDictModuleBase):
                 f"draws did not (the rerun's actions are used); observations shaped {tuple(observation.shape)}.",
                 stacklevel=3,
             )
-            return choice
-        self.stein.warn_if_not_invertible(sample.step_ratio)  # also left out of the graph
+        elif long_step:
+            self.stein.warn_if_not_invertible(choice.sample.step_ratio)  # also left out of the graph
         return choice
 
     def _checked_choice(self, observation: torch.Tensor, selection: str) -> tuple[ParticleChoice, torch.Tensor]:
-        """:meth:`choose`, and whether its result needs the host's attention (a 0-d bool, computed in the compiled
-        graph): a non-finite particle or log-density (with ``check_finite``), or an SVGD step ratio above
-        ``warn_ratio``."""
+        """:meth:`choose`, and two flags computed with it in the compiled graph, ``[2]`` bool: a non-finite particle
+        or log-density (with ``check_finite``), and an SVGD step ratio above ``warn_ratio``. A check that is off
+        gives ``False``."""
         choice = self.choose(observation, selection)
         sample = choice.sample
-        suspect = torch.zeros((), dtype=torch.bool, device=observation.device)
-        if self.stein.check_finite:
-            suspect = suspect | ~all_finite(value for value in (sample.action, sample.log_prob) if value is not None)
-        if self.stein.warn_ratio is not None and sample.step_ratio.numel():
-            suspect = suspect | (sample.step_ratio.max() > self.stein.warn_ratio)
-        return choice, suspect
+        off = torch.zeros((), dtype=torch.bool, device=observation.device)
+        outputs = (value for value in (sample.action, sample.log_prob) if value is not None)
+        non_finite = ~all_finite(outputs) if self.stein.check_finite else off
+        check_ratio = self.stein.warn_ratio is not None and sample.step_ratio.numel()
+        long_step = sample.step_ratio.max() > self.stein.warn_ratio if check_ratio else off
+        return choice, torch.stack([non_finite, long_step])
 
     def init_distribution(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Mean :math:`\mu_\theta(s)` and clamped std :math:`\sigma_\theta(s)` of :math:`q^0`, each ``[*batch, d]``."""
