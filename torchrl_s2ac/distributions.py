@@ -48,9 +48,9 @@ def _register_inductor_lowering() -> None:
     """Teach inductor :func:`truncated_normal_icdf`: the same pointwise formula, realized into a buffer.
 
     Without a lowering inductor calls the operator's Python kernel from the compiled graph (with inductor's C++
-    wrapper, through a proxy that costs more than the op: about 75 us per call on a Xeon core, a fifth of the
-    compiled single-environment acting step). Uses inductor's lowering table (a private API, pinned torch); if it
-    is missing the op keeps its Python kernel, which is correct, only slower.
+    wrapper, through a proxy that costs more than the op: 82 us per single-environment acting call on a Xeon core,
+    a sixth of it; ``benchmarks/acting_overhead.py``). Uses inductor's lowering table (a private API, pinned torch);
+    if it is missing the op keeps its Python kernel, which is correct, only slower.
     """
     try:
         from torch._inductor.lowering import lowerings, register_lowering
